@@ -1,0 +1,598 @@
+"""Independence prior (Dai et al., AAAI 2019): masks learned by compositing independently provided RGBA instances
+into realistic images. Paper sections "Our Framework" (eq. 4-7) and "Two Applications", appendix (eq. 8, Tables
+1-4); shared notes section 2.
+
+    x_i = I_i * m_i + x_{i-1} * (1 - m_i)                  (eq. 5: minseg.ops.composite, optional warp theta, eq. 4)
+    L_D = logistic;  L_G = non-saturating logistic + lambda * mean_i (|m_i|_1 / A - a)^2          (eq. 6-7)
+
+App 1, foreground segmentation from boxes (`ForegroundCarver`, `run`): a U-Net S carves its own box-cropped input,
+(I, S(I)), over a real patch cut outside some training image's box; no layout warp. Then data distillation: a
+student U-Net learns the teacher's soft masks on carved-foreground composites (smooth-L1, eq. 8).
+App 2, instances from one picture of a homogeneous object cluster (`ClusterGAN`, `run_hoc`): N layers from one
+shared deconv generator with independent z, random translations (the paper's pad-and-crop), over real patches with
+a black disk in the centre; an InfoGAN term keeps z recoverable from each layer.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minseg.data.transforms import hflip
+from minseg.nets import build_net
+from minseg.nets.blocks import d_logistic_loss, downsampling_trunk, g_logistic_loss, sn_conv
+from minseg.ops import composite, perturbation
+from minseg.visual import save_grid
+
+
+# -- shared pieces: losses, patch pools, the discriminator ------------------------------------------------------
+def area_penalty(masks, target):
+    """L_area = mean over samples and layers of (|m_i|_1 / A - a)^2; masks (B, N, 1, H, W) in [0, 1]."""
+    return ((masks.mean((2, 3, 4)) - target) ** 2).mean()
+
+
+def optimizer_step(optimizer, loss):
+    """Backward and step unless the loss or a gradient is non-finite (then skip); returns whether it stepped."""
+    optimizer.zero_grad(set_to_none=True)
+    if not torch.isfinite(loss):
+        return False
+    loss.backward()
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not all(torch.isfinite(g).all() for g in grads):
+        optimizer.zero_grad(set_to_none=True)
+        return False
+    optimizer.step()
+    return True
+
+
+class PatchPool:
+    """uint8 patches (P, 3, S, S) served as float batches in [-1, 1], each h-flipped (and v-flipped) at random."""
+
+    def __init__(self, patches, vflip=False):
+        if patches.dim() != 4 or patches.shape[1] != 3 or patches.dtype != torch.uint8 or len(patches) == 0:
+            raise ValueError(f"patches must be a non-empty uint8 (P, 3, S, S) tensor, got {tuple(patches.shape)} "
+                             f"{patches.dtype}")
+        self.patches, self.vflip = patches, vflip
+
+    def __len__(self):
+        return len(self.patches)
+
+    def sample(self, batch, device="cpu"):
+        x = self.patches[torch.randint(len(self.patches), (batch,))].to(device).float() / 127.5 - 1  # (B, 3, S, S)
+        x = hflip(x)
+        if self.vflip:
+            x = hflip(x.transpose(-1, -2)).transpose(-1, -2)
+        return x
+
+    def sampler(self, batch, device="cpu"):
+        while True:
+            yield {"image": self.sample(batch, device)}
+
+
+class PatchDiscriminator(nn.Module):
+    """Tables 1-2: four SN stride-2 convs with LReLU, an SN 3x3 conv at stride 1, an SN 1x1 conv to one logit per
+    location: (B, 1, S/16, S/16) patch logits (minseg's trunk uses 4x4 kernels where the tables say 3x3)."""
+
+    def __init__(self, size, width, max_width):
+        super().__init__()
+        trunk, ch = downsampling_trunk(3, width, size, min_resolution=size // 16, max_width=max_width)
+        self.net = nn.Sequential(trunk, sn_conv(ch, ch, 3), nn.LeakyReLU(0.2, True), sn_conv(ch, 1, 1, 1, 0))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+# -- App 1: background patches outside the boxes ---------------------------------------------------------------
+def outside_box_windows(box, side, count, side_range, margin=1, generator=None):
+    """Up to `count` integer windows (x0, y0, x1, y1) of a side x side picture that miss the box's pixels.
+
+    The box (x0, y0, x1, y1, continuous) covers pixels floor(x0) .. ceil(x1) - 1, widened by `margin`. Every window
+    that misses it lies wholly left, right, above or below it, so a strip is drawn (by area, among those that fit
+    a side_range[0] window), then w and h in side_range px (independently: real crops are squashed boxes too), then
+    the place. Returns [] when no strip has room.
+    """
+    lo, hi = side_range
+    bx0, by0 = max(math.floor(box[0]) - margin, 0), max(math.floor(box[1]) - margin, 0)
+    bx1, by1 = min(math.ceil(box[2]) + margin, side), min(math.ceil(box[3]) + margin, side)
+    strips = [(0, 0, bx0, side), (bx1, 0, side, side), (0, 0, side, by0), (0, by1, side, side)]  # x0, y0, x1, y1
+    strips = [s for s in strips if s[2] - s[0] >= lo and s[3] - s[1] >= lo]
+    if not strips:
+        return []
+    areas = torch.tensor([float((s[2] - s[0]) * (s[3] - s[1])) for s in strips])
+    randint = lambda a, b: int(torch.randint(a, b + 1, (), generator=generator))
+    windows = []
+    for k in torch.multinomial(areas, count, replacement=True, generator=generator).tolist():
+        sx0, sy0, sx1, sy1 = strips[k]
+        w, h = randint(lo, min(hi, sx1 - sx0)), randint(lo, min(hi, sy1 - sy0))
+        x0, y0 = randint(sx0, sx1 - w), randint(sy0, sy1 - h)
+        windows.append((x0, y0, x0 + w, y0 + h))
+    return windows
+
+
+def background_pool(whole_set, size, per_image=2, side_frac=(0.25, 0.5), margin=1, seed=0):
+    """Real background patches: `per_image` windows per picture of `whole_set` (whole images with boxes) that miss
+    its box, resized to size x size. Pictures with no room outside their box are skipped.
+
+    Returns patches (P, 3, size, size) uint8, windows (P, 4) long, sources (P,) long (picture index), skipped count.
+    """
+    if whole_set.boxes is None:
+        raise ValueError(f"the background source ({whole_set.protocol}) has no boxes: load the training split with "
+                         "the whole-image protocol (protocol='P5'), which keeps each picture's box")
+    side = whole_set.size
+    lo, hi = max(int(side_frac[0] * side), 1), max(int(side_frac[1] * side), 1)
+    if not 0 < lo <= hi <= side:
+        raise ValueError(f"side_frac must satisfy 0 < lo <= hi <= 1, got {side_frac}")
+    generator = torch.Generator().manual_seed(seed)
+    patches, windows, sources, skipped = [], [], [], 0
+    for i, box in enumerate(whole_set.boxes.tolist()):
+        found = outside_box_windows(box, side, per_image, (lo, hi), margin, generator)
+        skipped += not found
+        for x0, y0, x1, y1 in found:
+            crop = whole_set.images[i, :, y0:y1, x0:x1].float()[None]  # (1, 3, h, w)
+            patch = F.interpolate(crop, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            patches.append(patch[0].round().clamp(0, 255).to(torch.uint8))
+            windows.append((x0, y0, x1, y1))
+            sources.append(i)
+    if not patches:
+        raise ValueError(f"no picture of {whole_set.protocol} has a {lo} px window outside its box; "
+                         "lower bg_side_frac or bg_margin")
+    return torch.stack(patches), torch.tensor(windows), torch.tensor(sources), skipped
+
+
+def load_background_set(name, size, root=None, limit=None, seed=0, scale=2):
+    """The training split loaded whole (protocol P5, boxes kept) at scale * size px: the background source of run()."""
+    from minseg.data import load_dataset
+    return load_dataset(name, "train", size * scale, root, protocol="P5", seed=seed, limit=limit)
+
+
+# -- App 1: the method -------------------------------------------------------------------------------------------
+@dataclass
+class IndependenceConfig:
+    size: int = 64                      # box crops, size x size (the paper: 128)
+    seg_width: int = 32                 # U-Net S (teacher) and S' (student): channels at full resolution
+    seg_depth: int = 4
+    disc_width: int = 64                # Table 1: 64-128-256-256 (capped at 4 x width)
+    area_weight: float = 1000.0         # lambda (Table 3)
+    area_target: float = 0.25           # a (Table 3)
+    lr_D: float = 2e-4
+    lr_S: float = 4e-4
+    betas: tuple = (0.5, 0.999)
+    bg_per_image: int = 2               # background patches cut per training picture
+    bg_side_frac: tuple = (0.25, 0.5)   # patch width / height as fractions of the whole picture's side
+    bg_margin: int = 1                  # px kept clear around each box
+
+    def __post_init__(self):
+        if self.size % 16 or self.size < 32:
+            raise ValueError(f"size must be a multiple of 16 and >= 32 (U-Net and patch D), got {self.size}")
+
+
+PRESETS = {"cub": dict(size=128), "shapes": dict(size=64), "horses": dict(size=64)}  # lambda, a: Table 3
+
+
+class ForegroundCarver:
+    """Networks, optimisers and one training step of App 1: S carves real crops over real backgrounds."""
+
+    def __init__(self, cfg, backgrounds, preview, device="cpu"):
+        self.cfg, self.device, self.backgrounds = cfg, torch.device(device), backgrounds
+        self.S = build_net("unet", num_classes=1, width=cfg.seg_width, depth=cfg.seg_depth).to(self.device)
+        self.D = PatchDiscriminator(cfg.size, cfg.disc_width, 4 * cfg.disc_width).to(self.device)
+        self.opt_S = torch.optim.Adam(self.S.parameters(), cfg.lr_S, betas=cfg.betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), cfg.lr_D, betas=cfg.betas)
+        self.preview = preview  # (n, 3, S, S) real crops for snapshots
+        self.skipped_steps = 0
+
+    def carve(self, images, backgrounds):
+        """Composite (I, S(I)) over backgrounds; returns (image, mask (B, 1, S, S))."""
+        mask = torch.sigmoid(self.S(images))
+        image, _ = composite(images[:, None], mask[:, None], backgrounds)  # (B, 3, S, S)
+        return image, mask
+
+    def train_step(self, real):
+        cfg = self.cfg
+        x_real = real["image"].to(self.device)
+        x_fake, mask = self.carve(x_real, self.backgrounds.sample(len(x_real), self.device))
+        loss_D = d_logistic_loss(self.D(x_real), self.D(x_fake.detach()))
+        ok_D = optimizer_step(self.opt_D, loss_D)
+        loss_adv = g_logistic_loss(self.D(x_fake))
+        loss_area = area_penalty(mask[:, None], cfg.area_target)
+        ok_S = optimizer_step(self.opt_S, loss_adv + cfg.area_weight * loss_area)
+        self.skipped_steps += (not ok_D) + (not ok_S)
+        return dict(loss_D=loss_D.item(), loss_G=loss_adv.item(), loss_area=loss_area.item(),
+                    mask_mean=mask.mean().item(), skipped=float(not (ok_D and ok_S)))
+
+    def collapse_message(self, tick):
+        if tick["mask_mean"] < 0.02:
+            return f"mask collapsed to all background (mean mask {tick['mask_mean']:.3f})"
+        if tick["mask_mean"] > 0.98:
+            return f"mask collapsed to all foreground (mean mask {tick['mask_mean']:.3f})"
+        return None
+
+    @torch.no_grad()
+    def snapshot(self, path):
+        images = self.preview.to(self.device)
+        backgrounds = self.backgrounds.patches[:len(images)].to(self.device).float() / 127.5 - 1
+        self.S.eval()
+        fake, mask = self.carve(images, backgrounds)
+        self.S.train()
+        save_grid([images, mask, images * mask - (1 - mask), backgrounds, fake], path)
+
+    def state_dict(self):
+        return {"S": self.S.state_dict(), "D": self.D.state_dict(), "opt_S": self.opt_S.state_dict(),
+                "opt_D": self.opt_D.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state):
+        self.S.load_state_dict(state["S"])
+        self.D.load_state_dict(state["D"])
+        self.opt_S.load_state_dict(state["opt_S"])
+        self.opt_D.load_state_dict(state["opt_D"])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def distillation_pairs(teacher, real_batches, backgrounds):
+    """A batch sampler for the student: teacher-carved h-flipped real crops over random background patches,
+    labelled by the teacher's soft mask (appendix, "Data Distillation")."""
+    @torch.no_grad()
+    def sample(_batch_size):
+        images = hflip(next(real_batches)["image"])
+        mask = torch.sigmoid(teacher(images))  # (B, 1, S, S)
+        image, _ = composite(images[:, None], mask[:, None], backgrounds.sample(len(images), images.device))
+        return {"image": image, "mask": mask}
+    return sample
+
+
+@dataclass
+class Schedule:
+    gan_images: int = 40_000     # real crops seen by D (the paper gives no length)
+    distill_steps: int = 1500    # student steps on carved composites
+    batch_size: int = 32
+    tick_images: int = 2_000
+    snapshot_images: int = 10_000
+
+
+SCHEDULES = {"quick": {}, "paper": dict(gan_images=1_000_000, distill_steps=12_000, tick_images=20_000,
+                                        snapshot_images=100_000)}  # "paper": ILSGAN's budget, the paper has none
+QUICK = {"shapes": dict(gan_images=40_000, distill_steps=1500), "horses": dict(gan_images=40_000, distill_steps=1500),
+         "cub": dict(gan_images=40_000, distill_steps=1500)}
+
+
+def make_schedule(name, data, **overrides):
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; choose one of {sorted(SCHEDULES)}")
+    values = dict(QUICK.get(data, {})) if name == "quick" else dict(SCHEDULES[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return Schedule(**values)
+
+
+def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device="cpu", seed=0, resume=False,
+        progress=True):
+    """Train the carver on box crops (teacher), distil a student; score both on `test_set`, write both rows.
+
+    train_set / test_set: box-cropped splits (protocol "box") at cfg.size px; background_set: the training split
+    loaded whole with its boxes (`load_background_set`). Returns the student's metrics with the teacher's inside.
+    """
+    from minseg.metrics import format_table
+    from minseg.pipeline import finish, pair_stream, show_predictions
+    from minseg.segmenter import evaluate_segmenter, save_segmenter
+    from minseg.train import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, training_loop
+
+    if background_set is None:
+        raise ValueError("run() needs background_set=: the training split loaded whole with its boxes, e.g. "
+                         "load_background_set(name, cfg.size, root)")
+    if train_set.size != cfg.size:
+        raise ValueError(f"train images are {train_set.size} px but the config is for size={cfg.size}; "
+                         f"load the data at {cfg.size} px or set size={train_set.size}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint.pt"
+    patches, _, _, skipped = background_pool(background_set, cfg.size, cfg.bg_per_image, cfg.bg_side_frac,
+                                             cfg.bg_margin, seed)
+    print(f"background pool: {len(patches):,} patches from {len(background_set) - skipped:,} pictures "
+          f"({skipped:,} without room outside their box)")
+    seed_everything(seed)
+    backgrounds = PatchPool(patches)
+    method = ForegroundCarver(cfg, backgrounds, train_set.batch(list(range(min(12, len(train_set)))))["image"],
+                              device)
+    state = {"images_seen": 0, "seed": seed}
+    if resume and checkpoint.exists():
+        saved = load_checkpoint(checkpoint)
+        method.load_state_dict(saved["method"])
+        state.update(saved["state"])
+        set_rng_state(saved["rng"])
+        print(f"resumed {checkpoint}: {state['images_seen']:,} images seen")
+    elif resume:
+        print(f"--resume: no checkpoint at {checkpoint} yet, starting fresh")
+
+    def save_state():
+        save_checkpoint(checkpoint, {"method": method.state_dict(), "state": dict(state), "rng": rng_state(),
+                                     "config": asdict(cfg), "schedule": asdict(schedule)})
+
+    batches = train_set.sampler(schedule.batch_size, augment=True, device=device)
+    training_loop(method, batches, state, schedule.gan_images, out_dir, save_state, schedule.tick_images,
+                  schedule.snapshot_images, progress=progress, desc="gan")
+
+    teacher = method.S.eval().requires_grad_(False)
+    save_segmenter(out_dir / "teacher.pt", teacher, {"method": "independence-teacher", "size": cfg.size})
+    show_predictions(teacher, test_set, out_dir / "teacher-predictions.png", device)
+    raw = evaluate_segmenter(teacher, test_set)
+    student = build_net("unet", num_classes=1, width=cfg.seg_width, depth=cfg.seg_depth)
+    pairs = distillation_pairs(teacher, train_set.sampler(schedule.batch_size, augment=False, device=device),
+                               backgrounds)
+    extra = {"teacher_acc": raw["acc"], "teacher_iou": raw["iou"], "teacher_miou": raw["miou"],
+             "bg_patches": len(patches), "skipped_steps": method.skipped_steps}
+    _, distilled = finish("independence", pair_stream(pairs, schedule.batch_size), test_set, out_dir, net=student,
+                          steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
+                          device=device, extra=extra, progress=progress)
+    scores = ("acc", "iou", "miou", "per_image_iou", "per_image_acc")
+    rows = [dict(run="teacher (adversarial)", **{k: raw[k] for k in scores}),
+            dict(run="student (distilled)", **{k: distilled[k] for k in scores})]
+    results = json.loads((out_dir / "results.json").read_text())
+    (out_dir / "results.json").write_text(json.dumps({**results, "rows": rows}, indent=2))
+    table = format_table(rows, test_set.protocol)
+    (out_dir / "results.md").write_text(table + "\n")
+    print(table)
+    return distilled
+
+
+# -- App 2: one picture of a homogeneous object cluster ------------------------------------------------------------
+@dataclass
+class ClusterConfig:
+    size: int = 64                      # patch resolution (the paper: 64; 32 runs ~4x faster on a CPU)
+    num_layers: int = 12                # N (Table 4)
+    z_dim: int = 2
+    area_target: float = 0.25           # a
+    area_weight: float = 1000.0         # lambda
+    info_weight: float = 50.0           # beta: InfoGAN term on z
+    shift_frac: float = 26 / 64         # layout: translation up to this fraction of the size per axis (pad 26 px)
+    disk_frac: float = 20 / 64          # radius of the black disk in the background patches
+    window: int | None = None           # patch window in source px; None: window_factor x the largest instance
+    window_factor: float = 1.5
+    patch_stride: int = 2               # px between the windows cut from the picture
+    vflip: bool = True                  # v-flips too (the paper: fruit and seeds, not the crowd)
+    gen_width: int = 64                 # Table 2: 256 channels at 8 x 8, halving per deconv
+    disc_width: int = 32                # Table 2: 64 (x2 per level, capped at 8 x width)
+    lr_D: float = 2e-4
+    lr_G: float = 4e-4
+    betas: tuple = (0.5, 0.999)
+    min_component_frac: float = 0.005   # connected components under this share of the patch are ignored
+
+    def __post_init__(self):
+        if self.size not in (32, 64, 128):
+            raise ValueError(f"size must be 32, 64 or 128 (8 x 8 start, 2x deconvs), got {self.size}")
+
+
+HOC_PRESETS = {  # Table 4; padding 30 / 32 / 26 px at 64 as the translation range
+    "crowd": dict(num_layers=8, z_dim=6, area_target=0.1, shift_frac=30 / 64, vflip=False),
+    "fruit": dict(num_layers=10, z_dim=5, area_target=0.25, shift_frac=32 / 64),
+    "seeds": dict(num_layers=12, z_dim=2, area_target=0.25, shift_frac=26 / 64),
+}
+
+
+class InstanceGenerator(nn.Module):
+    """Table 2, narrower: z -> 8 x 8 map (BN, LReLU) -> two convs (3x3 for the table's 4x4 at stride 1) -> 4x4
+    deconvs x2 (BN, LReLU), the last to RGBA with a sigmoid. Returns rgb (B, 3, S, S) in [-1, 1], alpha (B, 1, S, S)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        w, n_up = cfg.gen_width, int(math.log2(cfg.size // 8))
+        act = lambda: nn.LeakyReLU(0.2, True)
+        layers = [nn.Linear(cfg.z_dim, w * 64, bias=False), nn.BatchNorm1d(w * 64), act(), nn.Unflatten(1, (w, 8, 8))]
+        for _ in range(2):
+            layers += [nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), act()]
+        chs = [w // 2 ** i for i in range(n_up)] + [4]
+        for i in range(n_up):
+            last = i == n_up - 1
+            layers.append(nn.ConvTranspose2d(chs[i], chs[i + 1], 4, 2, 1, bias=last))
+            layers += [nn.Sigmoid()] if last else [nn.BatchNorm2d(chs[i + 1]), act()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        rgba = self.net(z)  # (B, 4, S, S) in [0, 1]
+        return rgba[:, :3] * 2 - 1, rgba[:, 3:]
+
+
+class ClusterGAN:
+    """Networks, optimisers and one training step of App 2."""
+
+    def __init__(self, cfg, patches, device="cpu"):
+        self.cfg, self.device, self.patches = cfg, torch.device(device), patches
+        self.G = InstanceGenerator(cfg).to(self.device)
+        self.D = PatchDiscriminator(cfg.size, cfg.disc_width, 8 * cfg.disc_width).to(self.device)
+        trunk, ch = downsampling_trunk(4, cfg.disc_width, cfg.size)
+        self.Q = nn.Sequential(trunk, nn.Flatten(), nn.Linear(ch * 16, cfg.z_dim)).to(self.device)  # RGBA -> z
+        self.opt_G = torch.optim.Adam([*self.G.parameters(), *self.Q.parameters()], cfg.lr_G, betas=cfg.betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), cfg.lr_D, betas=cfg.betas)
+        centre = torch.arange(cfg.size, device=self.device) + 0.5 - cfg.size / 2
+        self.disk = centre[:, None] ** 2 + centre[None] ** 2 < (cfg.disk_frac * cfg.size) ** 2  # (S, S) bool
+        self.skipped_steps = 0
+
+    def backgrounds(self, batch):
+        return self.patches.sample(batch, self.device).masked_fill(self.disk, -1.0)  # black disk in the centre
+
+    def generate(self, batch, z=None):
+        """N layers per sample from independent z, translated at random, composited over backgrounds."""
+        cfg, N = self.cfg, self.cfg.num_layers
+        z = torch.randn(batch, N, cfg.z_dim, device=self.device) if z is None else z
+        rgb, alpha = self.G(z.flatten(0, 1))
+        rgb, alpha = rgb.unflatten(0, (batch, N)), alpha.unflatten(0, (batch, N))  # (B, N, 3|1, S, S)
+        shift = cfg.shift_frac * cfg.size
+        theta = perturbation(batch * N, cfg.size, (0.0, 0.0), (0.0, 0.0), (-shift, shift), device=self.device)
+        image, warped = composite(rgb, alpha, self.backgrounds(batch), theta.view(batch, N, 2, 3))
+        return dict(z=z, rgb=rgb, alpha=alpha, image=image, warped=warped)
+
+    def train_step(self, real):
+        cfg = self.cfg
+        x_real = real["image"].to(self.device)
+        out = self.generate(len(x_real))
+        loss_D = d_logistic_loss(self.D(x_real), self.D(out["image"].detach()))
+        ok_D = optimizer_step(self.opt_D, loss_D)
+        loss_adv = g_logistic_loss(self.D(out["image"]))
+        loss_area = area_penalty(out["alpha"], cfg.area_target)
+        z_pred = self.Q(torch.cat([out["rgb"], out["alpha"]], 2).flatten(0, 1))  # (B N, z_dim)
+        loss_info = F.mse_loss(z_pred, out["z"].flatten(0, 1))  # Gaussian NLL with unit variance, up to scale
+        ok_G = optimizer_step(self.opt_G, loss_adv + cfg.area_weight * loss_area + cfg.info_weight * loss_info)
+        self.skipped_steps += (not ok_D) + (not ok_G)
+        return dict(loss_D=loss_D.item(), loss_G=loss_adv.item(), loss_area=loss_area.item(),
+                    loss_info=loss_info.item(), mask_mean=out["alpha"].mean().item(),
+                    skipped=float(not (ok_D and ok_G)))
+
+    collapse_message = ForegroundCarver.collapse_message
+
+    @torch.no_grad()
+    def snapshot(self, path, n=12):
+        gen = torch.Generator(device=self.device).manual_seed(1234)
+        z = torch.randn(n, self.cfg.num_layers, self.cfg.z_dim, device=self.device, generator=gen)
+        self.G.eval()
+        out = self.generate(n, z)
+        self.G.train()
+        rgb, alpha = out["rgb"][:, 0], out["alpha"][:, 0]  # the first layer of each sample
+        save_grid([self.patches.sample(n, self.device), out["image"], rgb, alpha, rgb * alpha - (1 - alpha)], path)
+
+    def state_dict(self):
+        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "Q": self.Q.state_dict(),
+                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "skipped_steps": self.skipped_steps}
+
+    def load_state_dict(self, state):
+        for name in ("G", "D", "Q", "opt_G", "opt_D"):
+            getattr(self, name).load_state_dict(state[name])
+        self.skipped_steps = int(state["skipped_steps"])
+
+
+def connected_components(masks, connectivity=8):
+    """Labels (B, H, W) long of the 4- or 8-connected components of bool masks (B, H, W): 0 off the masks, else
+    1 + the smallest flat index of the component's pixels. Min-label propagation until nothing changes."""
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
+    B, H, W = masks.shape
+    off = float(H * W + 1)
+    labels = torch.where(masks, torch.arange(1, H * W + 1, dtype=torch.float32).view(1, H, W), off)  # exact < 2^24
+    while True:
+        if connectivity == 8:
+            smallest = -F.max_pool2d(-labels[:, None], 3, 1, 1)[:, 0]  # min over the 3 x 3 neighbourhood
+        else:
+            padded = F.pad(labels[:, None], (1, 1, 1, 1), value=off)[:, 0]
+            smallest = torch.stack([labels, padded[:, :-2, 1:-1], padded[:, 2:, 1:-1], padded[:, 1:-1, :-2],
+                                    padded[:, 1:-1, 2:]]).amin(0)
+        updated = torch.where(masks, smallest, off)
+        if torch.equal(updated, labels):
+            return torch.where(masks, labels, 0.0).long()
+        labels = updated
+
+
+def count_components(masks, min_area=1, connectivity=8):
+    """(B,) number of connected components of at least `min_area` px in each bool mask (B, H, W)."""
+    B, H, W = masks.shape
+    labels = connected_components(masks, connectivity)
+    areas = torch.bincount((labels + torch.arange(B)[:, None, None] * (H * W + 1)).flatten(), minlength=B * (H * W + 1))
+    areas = areas.view(B, H * W + 1)[:, 1:]  # label 0 (off the mask) dropped
+    return (areas >= max(min_area, 1)).sum(1)
+
+
+def cut_patches(image, window, size, stride):
+    """All window x window crops of a (3, H, W) uint8 picture at `stride`, resized to size: (P, 3, size, size)."""
+    _, H, W = image.shape
+    if not 0 < window <= min(H, W):
+        raise ValueError(f"window must be 1..{min(H, W)} px for a {W}x{H} picture, got {window}")
+    crops = image.unfold(1, window, stride).unfold(2, window, stride)  # (3, ny, nx, window, window)
+    crops = crops.permute(1, 2, 0, 3, 4).reshape(-1, 3, window, window)
+    out = [F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+           for chunk in crops.split(256)]
+    return torch.cat(out).round().clamp(0, 255).to(torch.uint8)
+
+
+def instance_sizes(instance_masks, top=10):
+    """Largest extent (px) over instances, and the median area of the `top` last-painted (topmost, hence nearly
+    whole) instances clear of the border, from visible-instance masks (M, H, W) bool in painting order."""
+    rows, cols = instance_masks.any(2), instance_masks.any(1)  # (M, H), (M, W)
+    span = lambda m: m.shape[1] - m.int().argmax(1) - m.flip(1).int().argmax(1)
+    extent = int(torch.maximum(span(rows), span(cols)).max())
+    clear = ~(rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1])
+    areas = instance_masks.flatten(1).sum(1)[clear][-top:].float()
+    return extent, float(areas.quantile(0.5))
+
+
+@dataclass
+class HOCSchedule:
+    gan_images: int = 100_000    # real patches seen by D
+    batch_size: int = 32
+    tick_images: int = 2_000
+    snapshot_images: int = 10_000
+    eval_layers: int = 512       # generated layers scored for "exactly one instance"
+
+
+@torch.no_grad()
+def instance_scores(method, n, batch=64):
+    """Share of generated layers holding exactly one instance (components of alpha > 0.5 of at least
+    min_component_frac of the patch), none, or several; mean thresholded and soft mask area in px."""
+    cfg = method.cfg
+    method.G.eval()
+    alphas = torch.cat([method.G(torch.randn(min(batch, n - i), cfg.z_dim, device=method.device))[1].cpu()
+                        for i in range(0, n, batch)])[:, 0]  # (n, S, S)
+    method.G.train()
+    counts = count_components(alphas > 0.5, math.ceil(cfg.min_component_frac * cfg.size ** 2))
+    return dict(one_instance=float((counts == 1).float().mean()), no_instance=float((counts == 0).float().mean()),
+                several_instances=float((counts > 1).float().mean()),
+                mask_area_px=float((alphas > 0.5).flatten(1).sum(1).float().mean()),
+                soft_mask_area_px=float(alphas.flatten(1).sum(1).mean()), layers_scored=n)
+
+
+def run_hoc(cfg, image, out_dir, instance_masks=None, schedule=None, device="cpu", seed=0, resume=False,
+            progress=True):
+    """Learn instance appearances and masks from one cluster picture (uint8 (3, H, W)); returns the scores.
+
+    instance_masks (M, H, W) bool, if known: the window (when cfg.window is None) and the true instance area.
+    Writes results.json / results.md, instances.png (composites, layers, masks, carved layers), samples/.
+    """
+    from minseg.metrics import format_table
+    from minseg.train import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, training_loop
+
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"image must be a uint8 (3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
+    schedule = schedule or HOCSchedule()
+    window, true = cfg.window, {}
+    if instance_masks is not None:
+        extent, top_area = instance_sizes(instance_masks)
+        window = window or round(cfg.window_factor * extent)
+        scale = (cfg.size / window) ** 2  # source px -> patch px
+        true = dict(true_area_px=top_area * scale,
+                    true_visible_area_px=float(instance_masks.flatten(1).sum(1).float().mean()) * scale)
+    if window is None:
+        raise ValueError("set cfg.window (patch window in px of the picture) or pass instance_masks to derive it")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / "checkpoint.pt"
+    seed_everything(seed)
+    pool = PatchPool(cut_patches(image, window, cfg.size, cfg.patch_stride), vflip=cfg.vflip)
+    method = ClusterGAN(cfg, pool, device)
+    state = {"images_seen": 0, "seed": seed}
+    if resume and checkpoint.exists():
+        saved = load_checkpoint(checkpoint)
+        method.load_state_dict(saved["method"])
+        state.update(saved["state"])
+        set_rng_state(saved["rng"])
+        print(f"resumed {checkpoint}: {state['images_seen']:,} images seen")
+    print(f"{len(pool):,} training patches, window {window} px -> {cfg.size} px")
+
+    def save_state():
+        save_checkpoint(checkpoint, {"method": method.state_dict(), "state": dict(state), "rng": rng_state(),
+                                     "config": asdict(cfg), "schedule": asdict(schedule)})
+
+    training_loop(method, pool.sampler(schedule.batch_size, device), state, schedule.gan_images, out_dir,
+                  save_state, schedule.tick_images, schedule.snapshot_images, progress=progress, desc="hoc")
+    scores = {**instance_scores(method, schedule.eval_layers), **true, "window_px": window, "patch_px": cfg.size,
+              "patches": len(pool), "skipped_steps": method.skipped_steps}
+    gen = torch.Generator(device=method.device).manual_seed(seed)
+    z = torch.randn(12, cfg.num_layers, cfg.z_dim, device=method.device, generator=gen)
+    with torch.no_grad():
+        method.G.eval()
+        out = method.generate(12, z)
+    layers = [x[:, k] for k in range(min(4, cfg.num_layers)) for x in (out["rgb"], out["alpha"])]
+    save_grid([out["image"], *layers], out_dir / "instances.png")  # composites, then layer k's RGB and mask
+    (out_dir / "results.json").write_text(json.dumps({"method": "independence-hoc", "config": asdict(cfg), **scores},
+                                                     indent=2))
+    protocol = f"one cluster picture {tuple(image.shape[1:])}, window {window} px -> {cfg.size} px"
+    (out_dir / "results.md").write_text(format_table([scores], protocol, percent=False) + "\n")
+    return scores

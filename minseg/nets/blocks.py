@@ -1,0 +1,102 @@
+"""Building blocks shared by the GANs of every method: up/down blocks, spectral norm, orthogonal init,
+EMA of a generator, and the adversarial losses (hinge: ILSGAN eq. 6; non-saturating logistic: GANSeg and
+the independence prior).
+"""
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+
+def orthogonal_init(module):
+    """Orthogonal weights, zero biases for every conv/linear layer (ILSGAN appendix A)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            nn.init.orthogonal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    return module
+
+
+def sn_conv(cin, cout, kernel=3, stride=1, padding=None):
+    padding = kernel // 2 if padding is None else padding
+    return spectral_norm(nn.Conv2d(cin, cout, kernel, stride, padding))
+
+
+def sn_linear(cin, cout):
+    return spectral_norm(nn.Linear(cin, cout))
+
+
+class UpBlock(nn.Sequential):
+    """Nearest 2x upsample -> conv3x3 -> BN -> ReLU (FineGAN's upsampling block with ReLU for GLU)."""
+
+    def __init__(self, cin, cout):
+        super().__init__(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(cin, cout, 3, 1, 1, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class ResBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus identity."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
+                                  nn.Conv2d(ch, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch))
+
+    def forward(self, x):
+        return F.relu(x + self.body(x))
+
+
+class DownBlock(nn.Sequential):
+    """Spectrally normalised conv4x4 stride 2 -> LeakyReLU(0.2): halves the resolution."""
+
+    def __init__(self, cin, cout):
+        super().__init__(sn_conv(cin, cout, 4, 2, 1), nn.LeakyReLU(0.2, inplace=True))
+
+
+def downsampling_trunk(in_ch, width, resolution, min_resolution=4, max_width=512):
+    """DownBlocks from `resolution` to `min_resolution`; returns (trunk, out_channels)."""
+    layers, ch, res = [], in_ch, resolution
+    out = width
+    while res > min_resolution:
+        layers.append(DownBlock(ch, out))
+        ch, out, res = out, min(out * 2, max_width), res // 2
+    return nn.Sequential(*layers), ch
+
+
+class EMA:
+    """Exponential moving average of a network's parameters (buffers copied): the generator used for sampling.
+    The decay ramps up as min(beta, (1 + n) / (10 + n)) over updates n, so short runs are not dominated by init."""
+
+    def __init__(self, net, beta=0.999):
+        self.beta, self.updates = beta, 0
+        self.net = copy.deepcopy(net).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, net):
+        beta = min(self.beta, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for ema_p, p in zip(self.net.parameters(), net.parameters()):
+            ema_p.lerp_(p.detach(), 1 - beta)
+        for ema_b, b in zip(self.net.buffers(), net.buffers()):
+            ema_b.copy_(b)
+
+
+def d_hinge_loss(real_logits, fake_logits):
+    return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+
+
+def g_hinge_loss(fake_logits):
+    return -fake_logits.mean()
+
+
+def d_logistic_loss(real_logits, fake_logits):
+    return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+
+
+def g_logistic_loss(fake_logits):
+    """Non-saturating generator loss."""
+    return F.softplus(-fake_logits).mean()

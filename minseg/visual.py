@@ -1,0 +1,73 @@
+"""Pictures: sample grids (rows of images / masks / part maps), mask overlays, optional matplotlib plots."""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+PART_COLOURS = torch.tensor([[0, 0, 0], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                             [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+                             [0, 128, 128], [220, 190, 255], [170, 110, 40]], dtype=torch.float32) / 127.5 - 1
+
+
+def to_rgb(x):
+    """Map a batch to (B, 3, H, W) in [-1, 1]: images pass, masks (B, 1, H, W) in [0, 1] become grey,
+    label maps (B, H, W) integer become part colours."""
+    if x.dim() == 3:  # (B, H, W) labels
+        return PART_COLOURS.to(x.device)[x.long() % len(PART_COLOURS)].permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        return (x * 2 - 1).expand(-1, 3, -1, -1)
+    return x[:, :3]
+
+
+def overlay(images, masks, colour=(1.0, -1.0, -1.0), strength=0.5):
+    """Tint the foreground of images (B, 3, H, W) in [-1, 1] by masks (B, 1, H, W) in [0, 1]."""
+    tint = torch.tensor(colour, device=images.device).view(1, 3, 1, 1)
+    return images + strength * masks * (tint - images)
+
+
+def save_grid(rows, path, columns=None):
+    """Save rows (a list of batches, each shown as one row of tiles; see to_rgb) as a PNG; returns the path."""
+    rows = [to_rgb(r.detach().float().cpu()) for r in rows]
+    n = min(len(r) for r in rows) if columns is None else columns
+    tiles = torch.stack([r[:n] for r in rows])  # (R, n, 3, H, W)
+    R, _, _, H, W = tiles.shape
+    pad = 2
+    canvas = torch.ones(3, R * (H + pad) + pad, n * (W + pad) + pad)
+    for i in range(R):
+        for j in range(n):
+            canvas[:, pad + i * (H + pad):pad + i * (H + pad) + H, pad + j * (W + pad):pad + j * (W + pad) + W] = tiles[i, j]
+    array = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+def plot_curves(series, path, xlabel, ylabel, title=""):
+    """Line plot of {name: (xs, ys, yerr or None)} to a PNG with matplotlib; returns None when it is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("minseg: matplotlib is not installed (pip install minseg[plot]); skipping the plot", path)
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+    for name, (xs, ys, err) in series.items():
+        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return Path(path)
+
+
+def as_uint8(images):
+    """(B, 3, H, W) in [-1, 1] -> numpy (B, H, W, 3) uint8."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy().astype(np.uint8)

@@ -1,0 +1,266 @@
+"""Independence prior (minseg.methods.independence): background patches never touch a box, the area penalty and
+connected components against hand-made cases and an independent flood fill, training steps and state round trips
+of both applications, run() end to end on shapes and on the CUB layout, run_hoc() on the built-in cluster picture."""
+import json
+from collections import deque
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from minseg.data.base import SegmentationSet
+from minseg.methods.independence import (HOC_PRESETS, PRESETS, ClusterConfig, ClusterGAN, ForegroundCarver,
+                                         HOCSchedule, IndependenceConfig, PatchPool, Schedule, area_penalty,
+                                         background_pool, connected_components, count_components, cut_patches,
+                                         instance_sizes, load_background_set, make_schedule, outside_box_windows,
+                                         run, run_hoc)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The nets here are tiny: one thread is faster than two fighting over small convolutions."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def box_pixels(box, side, margin):
+    """(side, side) bool: the pixels whose square [i, i + 1) meets the box widened by margin (independent of the
+    code under test: tested pixel by pixel)."""
+    x0, y0, x1, y1 = box[0] - margin, box[1] - margin, box[2] + margin, box[3] + margin
+    i = torch.arange(side, dtype=torch.float64)
+    cols, rows = (i + 1 > x0) & (i < x1), (i + 1 > y0) & (i < y1)
+    return rows[:, None] & cols[None]
+
+
+boxes = st.tuples(st.floats(0, 23), st.floats(0, 23), st.floats(0.5, 24), st.floats(0.5, 24)).map(
+    lambda b: (min(b[0], b[2]), min(b[1], b[3]), max(b[0], b[2]) + 0.5, max(b[1], b[3]) + 0.5))
+
+
+@settings(max_examples=150, deadline=None)
+@given(box=boxes, lo=st.integers(1, 8), extra=st.integers(0, 8), margin=st.integers(0, 2), seed=st.integers(0, 99))
+def test_background_windows_never_meet_the_box_and_exist_when_there_is_room(box, lo, extra, margin, seed):
+    side, hi = 24, lo + extra
+    covered = box_pixels(box, side, margin)
+    windows = outside_box_windows(box, side, 5, (lo, hi), margin, torch.Generator().manual_seed(seed))
+    for x0, y0, x1, y1 in windows:
+        assert 0 <= x0 < x1 <= side and 0 <= y0 < y1 <= side
+        assert lo <= x1 - x0 <= hi and lo <= y1 - y0 <= hi
+        assert not covered[y0:y1, x0:x1].any()
+    # brute force: some lo x lo window misses the box <=> the sampler finds windows
+    room = any(not covered[y:y + lo, x:x + lo].any() for y in range(side - lo + 1) for x in range(side - lo + 1))
+    assert (len(windows) == 5) == room and (len(windows) == 0) == (not room)
+
+
+def test_background_pool_patches_hold_no_box_pixel():
+    g = torch.Generator().manual_seed(0)
+    n, side = 12, 40
+    box_list = torch.rand(n, 2, generator=g) * 20
+    box_list = torch.cat([box_list, box_list + 4 + torch.rand(n, 2, generator=g) * 14], 1)  # (n, 4)
+    box_list[0] = torch.tensor([0.0, 0.0, 40.0, 40.0])  # no room at all: skipped
+    images = torch.zeros(n, 3, side, side, dtype=torch.uint8)
+    for i, b in enumerate(box_list.tolist()):
+        images[i, :, box_pixels(b, side, 0)] = 255  # box pixels white, the rest black
+    whole = SegmentationSet(images=images, boxes=box_list, protocol="painted boxes")
+    patches, windows, sources, skipped = background_pool(whole, 16, per_image=3, side_frac=(0.2, 0.4), margin=0)
+    assert skipped >= 1 and 0 not in sources.tolist() and len(patches) == 3 * (n - skipped)
+    assert patches.shape[1:] == (3, 16, 16) and patches.max() == 0  # not one pixel of white leaked in
+    with pytest.raises(ValueError, match="boxes"):
+        background_pool(SegmentationSet(images=images), 16)
+    with pytest.raises(ValueError, match="outside its box"):
+        background_pool(whole.subset([0]), 16)
+
+
+def test_area_penalty_by_hand():
+    masks = torch.zeros(2, 3, 1, 4, 4)
+    masks[0, 0, :, :2] = 1.0  # area 0.5
+    masks[0, 1] = 0.25        # 0.25 everywhere
+    masks[1, 2] = 1.0         # area 1; the others 0
+    # (0.25^2 + 0 + 0.25^2 + 0.25^2 + 0.25^2 + 0.75^2) / 6 with a = 0.25
+    expected = (4 * 0.0625 + 0.5625) / 6
+    assert area_penalty(masks, 0.25).item() == pytest.approx(expected)
+    assert area_penalty(torch.full((3, 1, 1, 8, 8), 0.25), 0.25).item() == 0.0
+
+
+def flood_fill_count(mask, connectivity):
+    """Independent reference: breadth-first search over a 2-D bool list of lists."""
+    H, W = len(mask), len(mask[0])
+    steps = [(1, 0), (-1, 0), (0, 1), (0, -1)] + ([(1, 1), (1, -1), (-1, 1), (-1, -1)] if connectivity == 8 else [])
+    seen, sizes = set(), []
+    for y in range(H):
+        for x in range(W):
+            if mask[y][x] and (y, x) not in seen:
+                seen.add((y, x))
+                queue, size = deque([(y, x)]), 0
+                while queue:
+                    cy, cx = queue.popleft()
+                    size += 1
+                    for dy, dx in steps:
+                        ny, nx = cy + dy, cx + dx
+                        if 0 <= ny < H and 0 <= nx < W and mask[ny][nx] and (ny, nx) not in seen:
+                            seen.add((ny, nx))
+                            queue.append((ny, nx))
+                sizes.append(size)
+    return sizes
+
+
+def test_connected_components_on_hand_made_masks():
+    masks = torch.zeros(4, 6, 6, dtype=torch.bool)
+    masks[1, 1:4, 1:3] = True             # one blob
+    masks[2, 0:2, 0:2] = True             # two blobs far apart
+    masks[2, 4:6, 3:6] = True
+    masks[3, 1, 1] = masks[3, 2, 2] = masks[3, 3, 3] = True  # a diagonal line
+    assert count_components(masks, connectivity=8).tolist() == [0, 1, 2, 1]
+    assert count_components(masks, connectivity=4).tolist() == [0, 1, 2, 3]
+    assert count_components(masks, min_area=5, connectivity=4).tolist() == [0, 1, 1, 0]  # 6 px and 4 px + 6 px
+    labels = connected_components(masks[2:3], connectivity=4)[0]
+    assert labels[0, 0] == 1 and labels[5, 5] == 4 * 6 + 3 + 1  # smallest flat index + 1 of each component
+    assert (labels == 0).sum() == 36 - 10
+    with pytest.raises(ValueError, match="connectivity"):
+        connected_components(masks, connectivity=6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(bits=st.lists(st.booleans(), min_size=64, max_size=64), connectivity=st.sampled_from([4, 8]),
+       min_area=st.integers(1, 4))
+def test_component_counts_match_a_flood_fill(bits, connectivity, min_area):
+    mask = torch.tensor(bits).view(8, 8)
+    sizes = flood_fill_count(mask.tolist(), connectivity)
+    assert count_components(mask[None], min_area, connectivity).item() == sum(s >= min_area for s in sizes)
+
+
+def test_cut_patches_and_instance_sizes():
+    image = torch.arange(3 * 10 * 12, dtype=torch.int64).view(3, 10, 12).remainder(251).to(torch.uint8)
+    patches = cut_patches(image, 4, 4, 2)  # window == size: plain crops
+    assert patches.shape == (4 * 5, 3, 4, 4)
+    assert torch.equal(patches[0], image[:, :4, :4]) and torch.equal(patches[6], image[:, 2:6, 2:6])
+    with pytest.raises(ValueError, match="window"):
+        cut_patches(image, 11, 4, 2)
+    masks = torch.zeros(3, 10, 10, dtype=torch.bool)
+    masks[0, 0:3, 0:5] = True  # extent 5, touches the border: not in the area median
+    masks[1, 2:4, 2:4] = True  # area 4
+    masks[2, 5:9, 5:8] = True  # area 12, extent 4
+    assert instance_sizes(masks) == (5, 8.0)
+
+
+def tiny_carver(size=32, seed=0):
+    torch.manual_seed(seed)
+    cfg = IndependenceConfig(size=size, seg_width=4, seg_depth=2, disc_width=4)
+    patches = (torch.rand(6, 3, size, size) * 255).to(torch.uint8)
+    return ForegroundCarver(cfg, PatchPool(patches), torch.rand(3, 3, size, size) * 2 - 1)
+
+
+def tiny_cluster_gan(seed=0):
+    torch.manual_seed(seed)
+    cfg = ClusterConfig(size=32, num_layers=3, z_dim=2, gen_width=8, disc_width=4)
+    return ClusterGAN(cfg, PatchPool((torch.rand(6, 3, 32, 32) * 255).to(torch.uint8), vflip=True))
+
+
+@pytest.mark.parametrize("make", [tiny_carver, tiny_cluster_gan])
+def test_train_steps_finite_and_state_round_trip(make, tmp_path):
+    method = make()
+    for step in range(3):
+        stats = method.train_step({"image": torch.rand(4, 3, 32, 32) * 2 - 1})
+        assert all(torch.isfinite(torch.tensor(v)) for v in stats.values()), stats
+        assert stats["skipped"] == 0 and 0 <= stats["mask_mean"] <= 1
+    method.snapshot(tmp_path / "snap.png")
+    assert (tmp_path / "snap.png").exists()
+    clone = make(seed=1)
+    clone.load_state_dict(method.state_dict())
+    for name in ("S", "D") if hasattr(method, "S") else ("G", "D", "Q"):
+        for a, b in zip(getattr(method, name).state_dict().values(), getattr(clone, name).state_dict().values()):
+            torch.testing.assert_close(a, b)
+    opt = "opt_S" if hasattr(method, "S") else "opt_G"
+    for ours, theirs in zip(getattr(method, opt).state_dict()["state"].values(),
+                            getattr(clone, opt).state_dict()["state"].values()):
+        torch.testing.assert_close(ours["exp_avg_sq"], theirs["exp_avg_sq"])
+
+
+def test_cluster_layers_are_translated_and_composited():
+    method = tiny_cluster_gan()
+    method.cfg.shift_frac = 0.0  # no layout warp: warped alphas are the provider's alphas
+    out = method.generate(2)
+    assert out["rgb"].shape == (2, 3, 3, 32, 32) and out["alpha"].shape == (2, 3, 1, 32, 32)
+    torch.testing.assert_close(out["warped"], out["alpha"])
+    assert method.backgrounds(2)[:, :, 16, 16].eq(-1).all()  # the black disk
+    assert out["image"].shape == (2, 3, 32, 32)
+
+
+def test_bad_configs_and_inputs_raise(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        IndependenceConfig(size=40)
+    with pytest.raises(ValueError, match="size"):
+        ClusterConfig(size=48)
+    with pytest.raises(ValueError, match="schedule"):
+        make_schedule("nope", "shapes")
+    for preset in PRESETS.values():
+        IndependenceConfig(**preset)
+    for preset in HOC_PRESETS.values():
+        ClusterConfig(**preset)
+    with pytest.raises(ValueError, match="background_set"):
+        run(IndependenceConfig(size=32), Schedule(), None, None, tmp_path)
+    with pytest.raises(ValueError, match="uint8"):
+        run_hoc(ClusterConfig(size=32), torch.zeros(3, 64, 64), tmp_path)
+    with pytest.raises(ValueError, match="window"):
+        run_hoc(ClusterConfig(size=32), torch.zeros(3, 64, 64, dtype=torch.uint8), tmp_path)
+
+
+TINY_SCHEDULE = Schedule(gan_images=16, distill_steps=2, batch_size=8, tick_images=8, snapshot_images=16)
+
+
+def check_results(out_dir):
+    results = json.loads((out_dir / "results.json").read_text())
+    assert results["method"] == "independence" and [r["run"] for r in results["rows"]] == [
+        "teacher (adversarial)", "student (distilled)"]
+    for row in results["rows"]:
+        assert all(0 <= row[k] <= 1 for k in ("acc", "iou", "miou"))
+    assert results["rows"][1]["iou"] == pytest.approx(results["iou"])
+    assert results["rows"][0]["iou"] == pytest.approx(results["teacher_iou"])
+    assert "teacher" in (out_dir / "results.md").read_text()
+    for name in ("teacher.pt", "segmenter.pt", "checkpoint.pt", "teacher-predictions.png", "test-predictions.png"):
+        assert (out_dir / name).exists(), name
+    assert list((out_dir / "samples").glob("gan-*.png"))
+
+
+def test_run_end_to_end_on_tiny_shapes(tmp_path):
+    from minseg.data import load_dataset
+    train = load_dataset("shapes", "train", 32, protocol="box", limit=64)
+    test = load_dataset("shapes", "test", 32, protocol="box", limit=16)
+    cfg = IndependenceConfig(size=32, seg_width=4, seg_depth=2, disc_width=4)
+    whole = load_background_set("shapes", 32, limit=64)
+    run(cfg, TINY_SCHEDULE, train, test, tmp_path, background_set=whole, progress=False)
+    check_results(tmp_path)
+    with pytest.raises(ValueError, match="px"):
+        run(IndependenceConfig(size=64), TINY_SCHEDULE, train, test, tmp_path / "bad", background_set=whole)
+
+
+def test_run_on_the_cub_layout(tmp_path):
+    from cub_fixture import METADATA, make_cub_fixture
+    if not METADATA.is_dir():
+        pytest.skip(f"CUB metadata not found at {METADATA}")
+    from minseg.data import load_dataset
+    root = make_cub_fixture(tmp_path / "cub", n_images=8)
+    train = load_dataset("cub", "train", 32, root, protocol="box", limit=8)
+    test = load_dataset("cub", "test", 32, root, protocol="box", limit=8)
+    whole = load_background_set("cub", 32, root, limit=8)
+    assert len(train) == len(whole) == 8 and train.names == whole.names
+    cfg = IndependenceConfig(size=32, seg_width=4, seg_depth=2, disc_width=4, bg_side_frac=(0.15, 0.3))
+    run(cfg, TINY_SCHEDULE, train, test, tmp_path / "run", background_set=whole, progress=False)
+    check_results(tmp_path / "run")
+
+
+def test_run_hoc_on_the_builtin_cluster_picture(tmp_path):
+    from minseg.data.cluster import make_cluster_image
+    image, masks = make_cluster_image(128, seed=0, kind="seeds")
+    cfg = ClusterConfig(size=32, num_layers=2, z_dim=2, gen_width=8, disc_width=4, patch_stride=16)
+    schedule = HOCSchedule(gan_images=8, batch_size=4, tick_images=4, snapshot_images=8, eval_layers=8)
+    scores = run_hoc(cfg, image, tmp_path, instance_masks=masks, schedule=schedule, progress=False)
+    results = json.loads((tmp_path / "results.json").read_text())
+    extent, _ = instance_sizes(masks)
+    assert results["window_px"] == round(1.5 * extent) and results["layers_scored"] == 8
+    shares = results["one_instance"] + results["no_instance"] + results["several_instances"]
+    assert shares == pytest.approx(1.0) and results["true_area_px"] > 0
+    assert scores["mask_area_px"] == pytest.approx(results["mask_area_px"])
+    assert (tmp_path / "instances.png").exists() and list((tmp_path / "samples").glob("hoc-*.png"))
