@@ -1,13 +1,13 @@
 // Op A, warp-and-composite: registration of minseg::composite and minseg::composite_backward, input checks,
-// and the CPU kernels (at::parallel_for over the per-pixel functions of composite.h). The CUDA kernels live in
-// composite_cuda.cu and are reached through plain launchers with the current stream (only WITH_CUDA).
-// Autograd and fake (meta) implementations are registered from Python (minseg/ops/composite.py).
+// and dispatch to the CPU kernels (composite_cpu.h) or, WITH_CUDA, to the CUDA kernels of composite_cuda.cu,
+// reached through plain launchers with the current stream. Autograd and fake (meta) implementations are
+// registered from Python (minseg/ops/composite.py).
 //
 // Backward (see composite.h): one pass over output pixels computes two scalars per layer (c_i, e_i) from a
 // forward sweep of scalar prefixes and a backward sweep of suffix products. With a warp, the layer gradients
-// then go back through the bilinear footprints, deterministically, in one of two ways:
+// then go back through the bilinear footprints, deterministically, in one of two ways on the CPU:
 //   - B >= threads: each thread owns whole samples and scatters their gradients in pixel order, in the same
-//     pass (no scratch); grad theta accumulates per sample in that same order;
+//     pass; grad theta accumulates per row, then per sample, in that same order;
 //   - B < threads (e.g. one large image): the GPU's plan, parallel over every pixel: the scalars go to a
 //     scratch, a second pass gathers the gradients per source pixel (gather_pixel), a third reduces grad
 //     theta per (b, i). The tests run it with B = 1, so the CPU checks the arithmetic the GPU runs.
@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef WITH_CUDA
@@ -29,6 +30,7 @@
 #endif
 
 #include "composite.h"
+#include "composite_cpu.h"
 
 namespace minseg {
 namespace {
@@ -98,119 +100,16 @@ std::optional<Tensor> to_float(const std::optional<Tensor>& t) {
 
 bool is_reduced_float(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-// Rows (b, h) per parallel task: enough work per task to amortise the scheduling.
-int64_t row_grain(int64_t N, int64_t C, int64_t W) { return std::max<int64_t>(1, 16384 / (W * N * (C + 1))); }
-
-// ---- CPU kernels ----
-
-template <typename scalar_t>
-void forward_cpu(const CompositeInputs<scalar_t>& in, scalar_t* image, scalar_t* warped_alphas) {
-  at::parallel_for(0, in.B * in.H, row_grain(in.N, in.C, in.W), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row)
-      for (int64_t w = 0; w < in.W; ++w) forward_pixel(in, row / in.H, row % in.H, w, image, warped_alphas);
-  });
-}
-
-template <int CHUNK, typename scalar_t>
-void gather_cpu(const CompositeInputs<scalar_t>& in, const typename Acc<scalar_t>::type* coef, const scalar_t* grad_image,
-                scalar_t* grad_layers, scalar_t* grad_alphas) {
-  const int64_t N = in.N, H = in.H, W = in.W;
-  at::parallel_for(0, in.B * N * H, row_grain(1, in.C, W), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row)  // row = (b * N + i) * H + sy
-      for (int64_t sx = 0; sx < W; ++sx)
-        gather_pixel<CHUNK>(in, coef, grad_image, row / (N * H), row / H % N, row % H, sx, grad_layers, grad_alphas);
-  });
-}
-
-// Scatters one layer's gradients at one output pixel into the footprint's corners; sample b's gradients are
-// owned by one thread and zero-initialised. grad theta terms add up per sample, in pixel order.
-template <typename scalar_t> struct ScatterSink {
-  using acc_t = typename Acc<scalar_t>::type;
-  const scalar_t* g;      // the pixel's cotangent, channel 0
-  scalar_t* grad_layers;  // (N, C, H, W) of sample b
-  scalar_t* grad_alphas;  // (N, 1, H, W) of sample b
-  acc_t* theta_sums;      // (N, 6) of sample b
-  int64_t C, H, W, h, w;
-  void operator()(int64_t i, acc_t c_i, acc_t e_i, acc_t gix, acc_t giy, const Bilinear<acc_t>* corners) const {
-    const int64_t HW = H * W;
-    for (int k = 0; k < 4; ++k) {
-      if (!corners->inside[k]) continue;
-      const acc_t weight = corners->weight(k), weight_c = weight * c_i;
-      const int64_t q = corners->offset[k];
-      grad_alphas[i * HW + q] += weight * e_i;
-      for (int64_t c = 0; c < C; ++c) grad_layers[(i * C + c) * HW + q] += weight_c * g[c * HW];
-    }
-    add_theta_terms(theta_sums + 6 * i, gix, giy, h, w, H, W);
-  }
-};
-
-template <typename scalar_t>
-void backward_cpu(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, const scalar_t* grad_warped,
-                  scalar_t* grad_layers, scalar_t* grad_alphas, scalar_t* grad_background, scalar_t* grad_theta) {
-  using acc_t = typename Acc<scalar_t>::type;
-  const int64_t B = in.B, N = in.N, C = in.C, H = in.H, W = in.W, HW = H * W;
-  if (in.warp == nullptr) {  // no warp: every gradient is written at its own pixel in one pass
-    at::parallel_for(0, B * H, row_grain(N, C, W), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> prefix(2 * N);  // (m_i, q_i) of the current pixel
-      const Scratch<acc_t> scratch{prefix.data(), 2, 1};
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / H, h = row % H;
-        for (int64_t w = 0; w < W; ++w) {
-          const int64_t p = h * W + w;
-          const DirectSink<scalar_t> sink{grad_image + b * C * HW + p, grad_layers + b * N * C * HW + p,
-                                          grad_alphas + b * N * HW + p, C, HW};
-          backward_pixel(in, grad_image, grad_warped, scratch, b, h, w, grad_background, sink);
-        }
-      }
-    });
-    return;
-  }
-  if (B >= at::get_num_threads()) {  // a warp, and a sample for every thread: scatter per sample
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> prefix(2 * N), theta_sums(6 * N);
-      const Scratch<acc_t> scratch{prefix.data(), 2, 1};
-      for (int64_t b = begin; b < end; ++b) {
-        std::fill(grad_layers + b * N * C * HW, grad_layers + (b + 1) * N * C * HW, scalar_t(0));
-        std::fill(grad_alphas + b * N * HW, grad_alphas + (b + 1) * N * HW, scalar_t(0));
-        std::fill(theta_sums.begin(), theta_sums.end(), acc_t(0));
-        for (int64_t h = 0; h < H; ++h)
-          for (int64_t w = 0; w < W; ++w) {
-            const ScatterSink<scalar_t> sink{grad_image + b * C * HW + h * W + w, grad_layers + b * N * C * HW,
-                                             grad_alphas + b * N * HW, theta_sums.data(), C, H, W, h, w};
-            backward_pixel(in, grad_image, grad_warped, scratch, b, h, w, grad_background, sink);
-          }
-        for (int64_t i = 0; i < N; ++i) store_theta_grad(theta_sums.data() + 6 * i, H, W, grad_theta + (b * N + i) * 6);
-      }
-    });
-    return;
-  }
-  // a warp and few samples: the GPU's plan, parallel over pixels
-  const Tensor coef_tensor = at::empty({backward_scratch_size(true, B, N, H, W)}, at::dtype<acc_t>());
-  acc_t* coef = coef_tensor.data_ptr<acc_t>();  // (B, N, kWarpSlots, H, W)
-  at::parallel_for(0, B * H, row_grain(N, C, W), [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / H, h = row % H;
-      for (int64_t w = 0; w < W; ++w) {
-        const Scratch<acc_t> scratch{coef + b * N * kWarpSlots * HW + h * W + w, kWarpSlots * HW, HW};
-        const WarpSink<acc_t> sink{scratch};
-        backward_pixel(in, grad_image, grad_warped, scratch, b, h, w, grad_background, sink);
-      }
-    }
-  });
-  if (C <= 4)
-    gather_cpu<4>(in, coef, grad_image, grad_layers, grad_alphas);
+// Calls f(std::integral_constant<int, CC>) with CC = C for the channel counts whose loops the CPU kernels
+// unroll, else CC = 0 (any C).
+template <typename F>
+void with_channels(int64_t C, const F& f) {
+  if (C == 3)
+    f(std::integral_constant<int, 3>());
+  else if (C == 1)
+    f(std::integral_constant<int, 1>());
   else
-    gather_cpu<16>(in, coef, grad_image, grad_layers, grad_alphas);
-  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t bi = begin; bi < end; ++bi) {
-      acc_t sums[6] = {0, 0, 0, 0, 0, 0};
-      const acc_t* gix = coef + (bi * kWarpSlots + 2) * HW;
-      const acc_t* giy = coef + (bi * kWarpSlots + 3) * HW;
-      for (int64_t h = 0; h < H; ++h)
-        for (int64_t w = 0; w < W; ++w) add_theta_terms(sums, gix[h * W + w], giy[h * W + w], h, w, H, W);
-      store_theta_grad(sums, H, W, grad_theta + bi * 6);
-    }
-  });
+    f(std::integral_constant<int, 0>());
 }
 
 // ---- CUDA: erase the scalar type and launch on the current stream ----
@@ -253,8 +152,10 @@ std::tuple<Tensor, Tensor> composite_op(const Tensor& layers_in, const Tensor& a
   if (layers.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES(layers.scalar_type(), "minseg::composite", [&] {
       const auto maps = warp_maps_cpu<scalar_t>(theta, layers.size(3), layers.size(4));
-      forward_cpu(inputs_of<scalar_t>(layers, alphas, background, maps), image.data_ptr<scalar_t>(),
-                  warped.data_ptr<scalar_t>());
+      with_channels(layers.size(2), [&](auto CC) {
+        cpu::forward<decltype(CC)::value>(inputs_of<scalar_t>(layers, alphas, background, maps), image.data_ptr<scalar_t>(),
+                              warped.data_ptr<scalar_t>());
+      });
     });
     return {image, warped};
   }
@@ -301,10 +202,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> composite_backward_op(
   if (layers.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES(layers.scalar_type(), "minseg::composite_backward", [&] {
       const auto maps = warp_maps_cpu<scalar_t>(theta, layers.size(3), layers.size(4));
-      backward_cpu(inputs_of<scalar_t>(layers, alphas, background, maps), grad_image.data_ptr<scalar_t>(),
-                   grad_warped.has_value() ? grad_warped->data_ptr<scalar_t>() : nullptr,
-                   grad_layers.data_ptr<scalar_t>(), grad_alphas.data_ptr<scalar_t>(),
-                   grad_background.data_ptr<scalar_t>(), theta.has_value() ? grad_theta.data_ptr<scalar_t>() : nullptr);
+      with_channels(layers.size(2), [&](auto CC) {
+        cpu::backward<decltype(CC)::value>(inputs_of<scalar_t>(layers, alphas, background, maps), grad_image.data_ptr<scalar_t>(),
+                               grad_warped.has_value() ? grad_warped->data_ptr<scalar_t>() : nullptr,
+                               grad_layers.data_ptr<scalar_t>(), grad_alphas.data_ptr<scalar_t>(),
+                               grad_background.data_ptr<scalar_t>(),
+                               theta.has_value() ? grad_theta.data_ptr<scalar_t>() : nullptr);
+      });
     });
     return {grad_layers, grad_alphas, grad_background, grad_theta};
   }

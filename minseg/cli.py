@@ -1,5 +1,8 @@
 """Command line: `python run.py <command> ...` (same as `python -m minseg ...`).
 
+    shapes | horses | folder | cub   train a method on a data set, then a segmenter on its pairs, and score it
+    hoc         independence prior, application 2: instances learned from one cluster picture
+    annotate    GAN annotation: export samples to paint, fit the decoder, label a synthetic set
     eval        score a saved segmenter on a data set split and print a table naming the protocol
     supervised  train and score the supervised baseline (the upper bound of every method)
 
@@ -18,101 +21,11 @@ import time
 import numpy as np
 import torch
 
+from minseg.cli_args import (DATA_SETS, FOLDS, SCORES, add_data_arguments, check_root, existing_file, fold_choice,
+                             load, output_dir, positive_float, positive_int, score_row, splits_for)
+from minseg.commands import add_annotate, add_hoc, add_method_runs
 from minseg.metrics import format_table
 from minseg.nets import NETS
-
-DATA_SETS = ("shapes", "horses", "folder", "cub")
-NEEDS_ROOT = ("horses", "folder", "cub")
-FOLDS = 5
-SCORES = ("acc", "iou", "miou", "per_image_iou", "per_image_acc")
-
-
-# ------------------------------------------------------------------------------------- argument types
-
-def positive_int(text):
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
-def image_size(text):
-    value = _int(text)
-    if value < 8:
-        raise argparse.ArgumentTypeError(f"must be an image size >= 8 px, got {text}")
-    return value
-
-
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
-
-
-def _int(text):
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-
-
-def existing_file(text):
-    if not os.path.isfile(text):
-        raise argparse.ArgumentTypeError(f"file {text} does not exist")
-    return text
-
-
-def existing_dir(text):
-    if not os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"folder {text} does not exist")
-    return text
-
-
-def fold_choice(text):
-    if text == "all":
-        return text
-    value = _int(text)
-    if not 0 <= value < FOLDS:
-        raise argparse.ArgumentTypeError(f"must be 0..{FOLDS - 1} or 'all', got {text}")
-    return value
-
-
-def add_data_arguments(parser, split_help):
-    parser.add_argument("--root", type=existing_dir, help="data folder (required for horses, folder, cub)")
-    parser.add_argument("--size", type=image_size, default=None, help="image size in px (default 64)")
-    parser.add_argument("--protocol", choices=("P2", "P4", "P5", "box"), default=None,
-                        help="cropping protocol (cub: default P2; shapes: box or none)")
-    parser.add_argument("--limit", type=positive_int, default=None, help="use only the first N images of a split")
-    parser.add_argument("--seed", type=int, default=0, help="data and training seed (default 0)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help=split_help)
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
-def check_root(parser, args):
-    if args.data in NEEDS_ROOT and args.root is None:
-        parser.error(f"argument --root: required for --data {args.data} (a folder with the data set)")
-
-
-def load(args, split):
-    from minseg.data import load_dataset  # imported here: `--help` stays fast
-    return load_dataset(args.data, split=split, size=args.size or 64, root=args.root, protocol=args.protocol,
-                        seed=args.seed, limit=args.limit)
-
-
-def splits_for(data, fold):
-    """(train split, test split) names of a data set; fold picks the k-fold split of horses / folder."""
-    if data in ("horses", "folder"):
-        return f"fold{fold}-train", f"fold{fold}-test"
-    return "train", "test"
-
-
-def score_row(name, scores):
-    return dict(run=name, **{k: scores[k] for k in SCORES}, images=scores["n_images"])
 
 
 # ------------------------------------------------------------------------------------------------- eval
@@ -138,6 +51,32 @@ def run_eval(args):
     return 0
 
 
+# -------------------------------------------------------------------------------------------- baselines
+
+def add_baselines(subparsers):
+    p = subparsers.add_parser("baselines", help="trivial baselines on a split: all foreground, centre prior, "
+                                                "best colour threshold")
+    p.add_argument("data", choices=DATA_SETS, help="data set")
+    p.add_argument("--split", default=None, help="split (default: test; 'all' for horses / folder)")
+    add_data_arguments(p, "unused")
+    p.set_defaults(run=run_baselines, parser=p)
+
+
+def run_baselines(args):
+    """How far a segmenter must get to beat no learning at all (dataset-level fg IoU)."""
+    from minseg.data.shapes import difficulty
+    check_root(args.parser, args)
+    ds = load(args, args.split or ("all" if args.data in ("horses", "folder") else "test"))
+    if ds.masks is None:
+        raise ValueError(f"{ds.protocol}: no masks to score baselines against")
+    d = difficulty(ds.masks, ds.images)
+    rows = [dict(run="all foreground", iou=d["all_foreground_iou"]),
+            dict(run="centre prior (disk of the mean fg area)", iou=d["centre_prior_iou"]),
+            dict(run=f"best global colour threshold ({d['best_threshold_rule']})", iou=d["best_threshold_iou"])]
+    print(format_table(rows, f"{ds.protocol}; foreground covers {100 * d['coverage']:.1f} %; dataset-level IoU"))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------- supervised
 
 def add_supervised(subparsers):
@@ -149,7 +88,7 @@ def add_supervised(subparsers):
     p.add_argument("--width", type=positive_int, default=None, help="segmenter base width (default: the net's)")
     p.add_argument("--fold", type=fold_choice, default="all",
                    help=f"horses / folder: fold 0..{FOLDS - 1} or 'all' (default: all, mean +- std)")
-    p.add_argument("--out", default=None, help="output folder (default runs/supervised-<data>)")
+    p.add_argument("--out", type=output_dir, default=None, help="output folder (default runs/supervised-<data>)")
     add_data_arguments(p, "training batch size (default 32)")
     p.set_defaults(run=run_supervised, parser=p)
 
@@ -206,7 +145,7 @@ def run_supervised(args):
 
 # ------------------------------------------------------------------------------------------------- main
 
-COMMANDS = (add_eval, add_supervised)
+COMMANDS = (add_method_runs, add_hoc, add_annotate, add_eval, add_baselines, add_supervised)
 
 
 def build_parser():
@@ -232,6 +171,9 @@ def main(argv=None):
         return args.run(args)
     except SystemExit as exit:  # argparse errors (2) and --help (0)
         return exit.code if isinstance(exit.code, int) else 1
+    except KeyboardInterrupt:
+        print(f"\nrun.py: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as err:  # bad data folders, splits, checkpoints: say what, no traceback
         print(f"run.py {argv[0]}: error: {err}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """Pictures: sample grids (rows of images / masks / part maps), mask overlays, optional matplotlib plots."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,12 @@ def save_grid(rows, path, columns=None):
     array = ((canvas.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")  # written whole, then renamed: a killed run tears none
+    try:
+        Image.fromarray(array).save(tmp, format=Image.registered_extensions().get(path.suffix.lower(), "PNG"))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 

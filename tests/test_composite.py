@@ -69,7 +69,10 @@ SPECIAL_THETAS = {
 }
 
 
-@pytest.mark.parametrize("shape", [(2, 1, 3, 8, 8), (2, 3, 3, 9, 7), (1, 4, 5, 6, 10), (2, 2, 17, 5, 6), (1, 2, 17, 6, 5)])
+# C = 3 and C = 1 run the CPU's unrolled channel loops, other C the generic ones (C = 4: the alpha opens a second
+# packet of 4 lanes in the CPU's interleaved layout; C = 17: five packets); H = 1 has no interior cell.
+@pytest.mark.parametrize("shape", [(2, 1, 3, 8, 8), (2, 3, 3, 9, 7), (1, 4, 5, 6, 10), (2, 2, 17, 5, 6), (1, 2, 17, 6, 5),
+                                   (3, 2, 1, 7, 8), (2, 1, 4, 6, 6), (2, 2, 3, 1, 5)])
 @pytest.mark.parametrize("warp", [False, True])
 @pytest.mark.parametrize("cotangents", ["both", "image_only", "warped_only"])
 def test_kernel_matches_reference_fp64(shape, warp, cotangents, two_threads):

@@ -218,6 +218,18 @@ def test_opcheck(extension):
     torch.library.opcheck(torch.ops.minseg.positional_encoding.default, (*encoding_args, 3, 4, 1))
 
 
+def test_opcheck_backward_ops(extension):
+    centers, sigmas, embeddings = heat_inputs(B=2, K=2, D=3)
+    heat, embedding_map = part_heatmaps_reference(centers, sigmas, embeddings, (3, 4), 1)
+    for grad_heat, grad_map in ((torch.randn_like(heat), torch.randn_like(embedding_map)),
+                                (torch.randn_like(heat), None), (None, torch.randn_like(embedding_map))):
+        torch.library.opcheck(torch.ops.minseg.part_heatmaps_backward.default,
+                              (grad_heat, grad_map, heat, centers, sigmas, embeddings, 3, 4, 1))
+    points, weight, bias = encoding_inputs(B=2, P=2, F=3)
+    grad = torch.randn(2, 6, 5, 6, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.minseg.positional_encoding_backward.default, (grad, points, weight, bias, 3, 4, 1))
+
+
 # ---------------------------------------------------------------------------------------------------- properties
 
 @settings(max_examples=15, deadline=None)
@@ -258,6 +270,7 @@ def test_heat_mass_is_pi_sigma_squared(extension, sigma_px, margin, data):
     (dict(sigmas=torch.ones(2, 4)), "sigmas must be"),
     (dict(embeddings=torch.ones(2, 4, 5)), "embeddings must be"),
     (dict(sigmas=torch.ones(2, 3, dtype=torch.float64)), "sigmas must share"),
+    (dict(embeddings=torch.ones(2, 3, 5, device="meta")), "embeddings must share"),  # another device
     (dict(size=(0, 4)), "size must be"),
     (dict(margin=-1), "margin must be"),
 ])
@@ -274,6 +287,8 @@ def test_heatmap_errors_name_the_argument(impl, change, message):
     (dict(weight=torch.ones(4, 5)), "weight must be"),
     (dict(bias=torch.ones(3)), "bias must be"),
     (dict(points=torch.zeros(2, 3, 2, dtype=torch.int64)), "points must be a floating-point"),
+    (dict(bias=torch.ones(4, device="meta")), "bias must share"),  # another device
+    (dict(weight=torch.ones(4, 6, dtype=torch.float64)), "weight must share"),
 ])
 def test_encoding_errors_name_the_argument(impl, change, message):
     args = dict(points=torch.zeros(2, 3, 2), weight=torch.ones(4, 6), bias=torch.ones(4), size=(4, 4), margin=0)

@@ -110,6 +110,8 @@ class SegmentationSet(torch.utils.data.Dataset):
         """
         if len(self) == 0:
             raise ValueError("cannot sample batches from an empty data set")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         if generator is None:
             generator = torch.Generator().manual_seed(int(torch.randint(2**62, ())))
         queue = torch.empty(0, dtype=torch.long)
@@ -263,6 +265,9 @@ def load_files(items, size, protocol, desc="loading", workers=None):
             raise
     kept = [(item, r) for item, r in zip(items, results) if isinstance(r, dict)]
     skipped = [r for r in results if isinstance(r, str)]
+    if items and not kept:
+        raise ValueError(f"none of the {len(items)} picture(s) could be read: " + "; ".join(skipped[:3])
+                         + (" ..." if len(skipped) > 3 else "") + "; check the files (corrupt or not pictures)")
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable file(s) of {len(items)}: "
                       + "; ".join(skipped[:5]) + (" ..." if len(skipped) > 5 else ""))

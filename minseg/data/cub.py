@@ -13,6 +13,7 @@ train_test_split.txt (5,994 / 5,794) gives "train" and "test"; "all" is every im
 protocols P2 (default), P4, P5, box: see minseg.data.base. Labels are the 200 classes, 0-based;
 keypoints are the 15 part locations mapped through the crop.
 """
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 from minseg.data.base import PROTOCOLS, FileItem, load_files
 
 SPLIT_FILE = "train_val_test_split.txt"
+MAX_ID = 10_000_000  # image ids index arrays: bounded, so a corrupt file cannot ask for terabytes
 NUM_KEYPOINTS = 15
 _LAYOUT_HELP = ("expected ROOT/CUB_200_2011/ (CUB_200_2011.tgz unpacks to it: images/, images.txt, "
                 "bounding_boxes.txt, image_class_labels.txt, train_test_split.txt, parts/part_locs.txt) "
@@ -76,24 +78,35 @@ def _require(path, description):
 
 
 def _read_numbers(path, columns, description):
-    """A table of `<id> <numbers...>` lines -> (rows, 1 + columns) float64 array."""
+    """A table of `<id> <numbers...>` lines -> (rows, 1 + columns) float64 array; ids are integers 1..MAX_ID and
+    every number is finite, else a ValueError names the line."""
     _require(path, description)
     text = path.read_text()
     try:
-        return np.array(text.split(), dtype=np.float64).reshape(-1, columns + 1)
-    except ValueError:  # find the offending line for the message
-        for number, line in enumerate(text.splitlines(), 1):
-            fields = line.split()
-            if fields and (len(fields) != columns + 1 or not all(_is_number(f) for f in fields)):
-                raise ValueError(f"{path} line {number}: expected '<id>' and {columns} number(s), "
-                                 f"got {line.strip()!r}") from None
-        raise
+        table = np.array(text.split(), dtype=np.float64).reshape(-1, columns + 1)
+        ids = table[:, 0]
+        good = (len(table) == sum(1 for line in text.splitlines() if line.split()) and np.isfinite(table).all()
+                and (ids == np.round(ids)).all() and ((ids >= 1) & (ids <= MAX_ID)).all())
+    except ValueError:
+        good = False
+    if good:
+        return table
+    for number, line in enumerate(text.splitlines(), 1):  # find the offending line for the message
+        fields = line.split()
+        if fields and not (len(fields) == columns + 1 and all(_is_number(f) for f in fields)
+                           and _is_id(fields[0])):
+            raise ValueError(f"{path} line {number}: expected '<id>' (an integer 1..{MAX_ID}) and {columns} "
+                             f"finite number(s), got {line.strip()!r}")
+    raise ValueError(f"{path}: expected {columns + 1} numbers a line")
+
+
+def _is_id(text):
+    return text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_ID
 
 
 def _is_number(text):
     try:
-        float(text)
-        return True
+        return math.isfinite(float(text))
     except ValueError:
         return False
 
@@ -116,7 +129,7 @@ def read_records(root):
     paths = {}
     for number, line in enumerate(open(d / "images.txt"), 1):
         fields = line.split()
-        if fields and (len(fields) != 2 or not fields[0].isdigit()):
+        if fields and (len(fields) != 2 or not _is_id(fields[0])):
             raise ValueError(f"{d / 'images.txt'} line {number}: expected '<id> <path>', got {line.strip()!r}")
         if fields:
             paths[int(fields[0])] = fields[1]
@@ -130,7 +143,8 @@ def read_records(root):
     parts = _read_numbers(d / "parts" / "part_locs.txt", 4, "image id, part id, x, y, visible")
     image_row = np.full(max(ids + [int(parts[:, 0].max(initial=0))]) + 1, -1)
     image_row[ids] = np.arange(len(ids))
-    rows, part = image_row[parts[:, 0].astype(np.int64)], parts[:, 1].astype(np.int64) - 1
+    rows = image_row[parts[:, 0].astype(np.int64)]
+    part = np.clip(parts[:, 1], 0, NUM_KEYPOINTS + 1).astype(np.int64) - 1  # out-of-range part ids: dropped below
     keep = (rows >= 0) & (part >= 0) & (part < NUM_KEYPOINTS)
     keypoints = np.zeros((len(ids), NUM_KEYPOINTS, 3), dtype=np.float32)
     keypoints[rows[keep], part[keep]] = parts[keep, 2:]

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from minseg.nets.blocks import EMA, d_logistic_loss, downsampling_trunk, g_logistic_loss, orthogonal_init, sn_conv
 from minseg.ops import composite, part_heatmaps, pixel_grid, positional_encoding
+from minseg.train import guarded_step
 from minseg.visual import PART_COLOURS, save_grid, to_rgb
 
 
@@ -352,18 +353,9 @@ class GANSeg:
 
     def _apply(self, optimizer, loss):
         """Backward and step, unless the loss or a gradient is non-finite: then skip and count (divergence guard)."""
-        optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            self.skipped_steps += 1
-            return False
-        loss.backward()
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not all(torch.isfinite(p.grad).all() for p in params):
-            optimizer.zero_grad(set_to_none=True)
-            self.skipped_steps += 1
-            return False
-        optimizer.step()
-        return True
+        ok = guarded_step(optimizer, loss)
+        self.skipped_steps += not ok
+        return ok
 
     def collapse_message(self, tick):
         if tick["fg"] < 0.01:
@@ -473,37 +465,27 @@ def make_schedule(name, data, **overrides):
 
 def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resume=False, progress=True):
     """Train GANSeg per `schedule`, then DeepLab on its pairs; score fg IoU and keypoints; returns the metrics."""
-    from dataclasses import asdict
     from pathlib import Path
+    from minseg import distributed
     from minseg.metrics import format_table
     from minseg.pipeline import finish, pair_stream, write_results
-    from minseg.train import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, training_loop
+    from minseg.train import seed_everything, start_run, training_loop
 
     if train_set.size != cfg.size:
         raise ValueError(f"train images are {train_set.size} px but the GANSeg config is for size={cfg.size}; "
                          f"load the data at {cfg.size} px or pick a config for {train_set.size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / "checkpoint.pt"
     seed_everything(seed)
     method = GANSeg(cfg, device)
     state = {"images_seen": 0, "seed": seed}
-    if resume and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
-        method.load_state_dict(saved["method"])
-        state.update(saved["state"])
-        set_rng_state(saved["rng"])
-        print(f"resumed {checkpoint}: {state['images_seen']:,} images seen")
-    elif resume:
-        print(f"--resume: no checkpoint at {checkpoint} yet, starting fresh")
-
-    def save_state():
-        save_checkpoint(checkpoint, {"method": method.state_dict(), "state": dict(state), "rng": rng_state(),
-                                     "config": asdict(cfg), "schedule": asdict(schedule)})
+    save_state = start_run(out_dir, method, state, cfg, schedule, seed, resume)
 
     batches = train_set.sampler(schedule.batch_size, augment=True, device=device, scale=(0.9, 1.0))  # *code* crops
     training_loop(method, batches, state, schedule.gan_images, out_dir, save_state, schedule.tick_images,
                   schedule.snapshot_images, progress=progress, desc="gan")
+    if not distributed.is_main():
+        return {}  # under torchrun, rank 0 alone trains the segmenter and scores it
 
     K = cfg.num_parts
     segmenter, metrics = finish("ganseg", pair_stream(method.sample_pairs, schedule.seg_batch_size), test_set,

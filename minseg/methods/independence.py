@@ -26,6 +26,7 @@ from minseg.data.transforms import hflip
 from minseg.nets import build_net
 from minseg.nets.blocks import d_logistic_loss, downsampling_trunk, g_logistic_loss, sn_conv
 from minseg.ops import composite, perturbation
+from minseg.train import guarded_step
 from minseg.visual import save_grid
 
 
@@ -37,16 +38,7 @@ def area_penalty(masks, target):
 
 def optimizer_step(optimizer, loss):
     """Backward and step unless the loss or a gradient is non-finite (then skip); returns whether it stepped."""
-    optimizer.zero_grad(set_to_none=True)
-    if not torch.isfinite(loss):
-        return False
-    loss.backward()
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not all(torch.isfinite(g).all() for g in grads):
-        optimizer.zero_grad(set_to_none=True)
-        return False
-    optimizer.step()
-    return True
+    return guarded_step(optimizer, loss)
 
 
 class PatchPool:
@@ -274,10 +266,11 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
     train_set / test_set: box-cropped splits (protocol "box") at cfg.size px; background_set: the training split
     loaded whole with its boxes (`load_background_set`). Returns the student's metrics with the teacher's inside.
     """
+    from minseg import distributed
     from minseg.metrics import format_table
     from minseg.pipeline import finish, pair_stream, show_predictions
     from minseg.segmenter import evaluate_segmenter, save_segmenter
-    from minseg.train import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, training_loop
+    from minseg.train import seed_everything, start_run, training_loop
 
     if background_set is None:
         raise ValueError("run() needs background_set=: the training split loaded whole with its boxes, e.g. "
@@ -287,7 +280,6 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
                          f"load the data at {cfg.size} px or set size={train_set.size}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / "checkpoint.pt"
     patches, _, _, skipped = background_pool(background_set, cfg.size, cfg.bg_per_image, cfg.bg_side_frac,
                                              cfg.bg_margin, seed)
     print(f"background pool: {len(patches):,} patches from {len(background_set) - skipped:,} pictures "
@@ -297,22 +289,13 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
     method = ForegroundCarver(cfg, backgrounds, train_set.batch(list(range(min(12, len(train_set)))))["image"],
                               device)
     state = {"images_seen": 0, "seed": seed}
-    if resume and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
-        method.load_state_dict(saved["method"])
-        state.update(saved["state"])
-        set_rng_state(saved["rng"])
-        print(f"resumed {checkpoint}: {state['images_seen']:,} images seen")
-    elif resume:
-        print(f"--resume: no checkpoint at {checkpoint} yet, starting fresh")
-
-    def save_state():
-        save_checkpoint(checkpoint, {"method": method.state_dict(), "state": dict(state), "rng": rng_state(),
-                                     "config": asdict(cfg), "schedule": asdict(schedule)})
+    save_state = start_run(out_dir, method, state, cfg, schedule, seed, resume)
 
     batches = train_set.sampler(schedule.batch_size, augment=True, device=device)
     training_loop(method, batches, state, schedule.gan_images, out_dir, save_state, schedule.tick_images,
                   schedule.snapshot_images, progress=progress, desc="gan")
+    if not distributed.is_main():
+        return {}  # under torchrun, rank 0 alone distils the student and scores both
 
     teacher = method.S.eval().requires_grad_(False)
     save_segmenter(out_dir / "teacher.pt", teacher, {"method": "independence-teacher", "size": cfg.size})
@@ -546,8 +529,9 @@ def run_hoc(cfg, image, out_dir, instance_masks=None, schedule=None, device="cpu
     instance_masks (M, H, W) bool, if known: the window (when cfg.window is None) and the true instance area.
     Writes results.json / results.md, instances.png (composites, layers, masks, carved layers), samples/.
     """
+    from minseg import distributed
     from minseg.metrics import format_table
-    from minseg.train import load_checkpoint, rng_state, save_checkpoint, seed_everything, set_rng_state, training_loop
+    from minseg.train import seed_everything, start_run, training_loop
 
     if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.dim() != 3 or image.shape[0] != 3:
         raise ValueError(f"image must be a uint8 (3, H, W) tensor, got {getattr(image, 'shape', type(image))}")
@@ -563,25 +547,17 @@ def run_hoc(cfg, image, out_dir, instance_masks=None, schedule=None, device="cpu
         raise ValueError("set cfg.window (patch window in px of the picture) or pass instance_masks to derive it")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint = out_dir / "checkpoint.pt"
     seed_everything(seed)
     pool = PatchPool(cut_patches(image, window, cfg.size, cfg.patch_stride), vflip=cfg.vflip)
     method = ClusterGAN(cfg, pool, device)
     state = {"images_seen": 0, "seed": seed}
-    if resume and checkpoint.exists():
-        saved = load_checkpoint(checkpoint)
-        method.load_state_dict(saved["method"])
-        state.update(saved["state"])
-        set_rng_state(saved["rng"])
-        print(f"resumed {checkpoint}: {state['images_seen']:,} images seen")
+    save_state = start_run(out_dir, method, state, cfg, schedule, seed, resume)
     print(f"{len(pool):,} training patches, window {window} px -> {cfg.size} px")
-
-    def save_state():
-        save_checkpoint(checkpoint, {"method": method.state_dict(), "state": dict(state), "rng": rng_state(),
-                                     "config": asdict(cfg), "schedule": asdict(schedule)})
 
     training_loop(method, pool.sampler(schedule.batch_size, device), state, schedule.gan_images, out_dir,
                   save_state, schedule.tick_images, schedule.snapshot_images, progress=progress, desc="hoc")
+    if not distributed.is_main():
+        return {}  # under torchrun, rank 0 alone scores the layers and writes the results
     scores = {**instance_scores(method, schedule.eval_layers), **true, "window_px": window, "patch_px": cfg.size,
               "patches": len(pool), "skipped_steps": method.skipped_steps}
     gen = torch.Generator(device=method.device).manual_seed(seed)

@@ -24,7 +24,9 @@ def composite_reference(layers, alphas, background, theta=None):
     for i in range(N):
         layer, alpha = layers[:, i], alphas[:, i]  # (B, C, H, W), (B, 1, H, W)
         if theta is not None:
-            grid = F.affine_grid(theta[:, i], [B, 1, H, W], align_corners=False)  # (B, H, W, 2)
+            low = theta.dtype in (torch.float16, torch.bfloat16)  # CPU affine_grid lacks half for 1-px sizes
+            grid = F.affine_grid(theta[:, i].float() if low else theta[:, i], [B, 1, H, W], align_corners=False)
+            grid = grid.to(theta.dtype)  # (B, H, W, 2)
             both = F.grid_sample(torch.cat([layer, alpha], 1), grid, mode="bilinear", padding_mode="zeros",
                                  align_corners=False)
             layer, alpha = both[:, :C], both[:, C:]

@@ -63,6 +63,9 @@ def check_heatmap_inputs(centers, sigmas, embeddings, size, margin):
         raise ValueError(f"part_heatmaps: sigmas must be (B, K) = {(B, K)}, got {tuple(sigmas.shape)}")
     if embeddings.dim() != 3 or tuple(embeddings.shape[:2]) != (B, K):
         raise ValueError(f"part_heatmaps: embeddings must be (B, K, D) with (B, K) = {(B, K)}, got {tuple(embeddings.shape)}")
+    if min(B, K, embeddings.shape[2]) == 0:
+        raise ValueError(f"part_heatmaps: empty input, centers {tuple(centers.shape)}, "
+                         f"embeddings {tuple(embeddings.shape)}")
 
 
 def check_encoding_inputs(points, weight, bias, size, margin):
@@ -79,11 +82,14 @@ def check_encoding_inputs(points, weight, bias, size, margin):
         raise ValueError(f"positional_encoding: weight must be (F, 2P) = (F, {2 * P}), got {tuple(weight.shape)}")
     if tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"positional_encoding: bias must be (F,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if min(points.shape[0], P, weight.shape[0]) == 0:
+        raise ValueError(f"positional_encoding: empty input, points {tuple(points.shape)}, "
+                         f"weight {tuple(weight.shape)}")
 
 
 def part_heatmaps(centers, sigmas, embeddings, size, margin=0, impl="auto"):
     """centers (B, K, 2), sigmas (B, K), embeddings (B, K, D) -> heat (B, K, H', W'), embedding_map (B, D, H', W')."""
-    size = tuple(size)
+    size = tuple(size) if isinstance(size, (tuple, list)) else size
     check_heatmap_inputs(centers, sigmas, embeddings, size, margin)
     if _use_extension(impl, centers):
         return _part_heatmaps_ext(centers, sigmas, embeddings, size, margin)
@@ -92,7 +98,7 @@ def part_heatmaps(centers, sigmas, embeddings, size, margin=0, impl="auto"):
 
 def positional_encoding(points, weight, bias, size, margin=0, impl="auto"):
     """points (B, P, 2), weight (F, 2P), bias (F,) -> (B, 2F, H', W'): sin channels then cos channels."""
-    size = tuple(size)
+    size = tuple(size) if isinstance(size, (tuple, list)) else size
     check_encoding_inputs(points, weight, bias, size, margin)
     if _use_extension(impl, points):
         return _positional_encoding_ext(points, weight, bias, size, margin)

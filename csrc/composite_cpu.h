@@ -1,0 +1,584 @@
+// Op A, warp-and-composite: the CPU kernels (included by composite.cpp only; the CUDA kernels never see this
+// file). They compute what composite.h defines, in loops shaped for a CPU core rather than one thread per pixel:
+//
+//   - No warp: row-wise loops over contiguous pixels, one channel at a time, which the compiler vectorises
+//     (C = 64 feature blends are memory-bound streams).
+//   - A warp, B >= threads (each thread owns whole samples): the layers of one sample are first interleaved into
+//     a per-thread buffer, pixel-major with the alpha as one more channel, (H, W, Cp) with Cp = C + 1 rounded up to
+//     a multiple of 4 (RGBA for C = 3). A bilinear tap is then one 4-lane load per corner and packet of 4 channels
+//     instead of one scalar load per corner and channel, and the backward scatters one 4-lane add per corner into
+//     an interleaved gradient buffer, de-interleaved into grad_layers / grad_alphas at the end. Both buffers stay
+//     in L2 (256 KB each for one 128 x 128 RGBA layer). Every sample point is classified once per layer
+//     (cell_of): interior (its 2x2 cell inside the image: one base offset, no per-corner tests), outside (reads
+//     zeros only: no contribution, no gradient) or partial (straddling the border: composite.h's corner code).
+//     Grad theta accumulates per row, then per sample, in pixel order: deterministic.
+//   - A warp, B < threads (e.g. one large image): the forward runs rows in parallel on the planar tensors; the
+//     backward runs the GPU's plan with composite.h's per-pixel functions (scratch, gather, reduction), so the
+//     tests (B = 1, two threads) check on the CPU the arithmetic the GPU runs.
+//
+// Channel loops are unrolled for C = 1 and C = 3 (template parameter CC; 0 = any C).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "composite.h"
+
+namespace minseg {
+namespace cpu {
+
+// Rows (b, h) per parallel task: enough work per task to amortise the scheduling.
+inline int64_t row_grain(int64_t N, int64_t C, int64_t W) { return std::max<int64_t>(1, 16384 / (W * N * (C + 1))); }
+
+// Samples per parallel task: small problems run on the calling thread.
+inline int64_t sample_grain(int64_t N, int64_t C, int64_t H, int64_t W) {
+  return std::max<int64_t>(1, 32768 / (N * (C + 1) * H * W));
+}
+
+// ---- 4 lanes of float or double, in SIMD registers (GCC/Clang vector extensions; plain arrays elsewhere) ----
+
+#if defined(__GNUC__) || defined(__clang__)
+template <typename T> struct VectorOf;
+template <> struct VectorOf<float> { typedef float type __attribute__((vector_size(16))); };
+template <> struct VectorOf<double> { typedef double type __attribute__((vector_size(32))); };
+template <typename T> struct Pack {
+  typename VectorOf<T>::type v;
+  static Pack load(const T* p) {
+    Pack r;
+    std::memcpy(&r.v, p, sizeof(r.v));
+    return r;
+  }
+  void store(T* p) const { std::memcpy(p, &v, sizeof(v)); }
+  T lane(int k) const { return v[k]; }
+  void set_lane(int k, T x) { v[k] = x; }
+};
+template <typename T> inline Pack<T> operator+(const Pack<T>& a, const Pack<T>& b) { return {a.v + b.v}; }
+template <typename T> inline Pack<T> operator-(const Pack<T>& a, const Pack<T>& b) { return {a.v - b.v}; }
+template <typename T> inline Pack<T> operator*(const Pack<T>& a, const Pack<T>& b) { return {a.v * b.v}; }
+template <typename T> inline Pack<T> operator*(const Pack<T>& a, T s) { return {a.v * s}; }
+#else
+template <typename T> struct Pack {
+  T v[4];
+  static Pack load(const T* p) {
+    Pack r;
+    std::memcpy(r.v, p, sizeof(r.v));
+    return r;
+  }
+  void store(T* p) const { std::memcpy(p, v, sizeof(v)); }
+  T lane(int k) const { return v[k]; }
+  void set_lane(int k, T x) { v[k] = x; }
+};
+template <typename T> inline Pack<T> operator+(const Pack<T>& a, const Pack<T>& b) {
+  return {{a.v[0] + b.v[0], a.v[1] + b.v[1], a.v[2] + b.v[2], a.v[3] + b.v[3]}};
+}
+template <typename T> inline Pack<T> operator-(const Pack<T>& a, const Pack<T>& b) {
+  return {{a.v[0] - b.v[0], a.v[1] - b.v[1], a.v[2] - b.v[2], a.v[3] - b.v[3]}};
+}
+template <typename T> inline Pack<T> operator*(const Pack<T>& a, const Pack<T>& b) {
+  return {{a.v[0] * b.v[0], a.v[1] * b.v[1], a.v[2] * b.v[2], a.v[3] * b.v[3]}};
+}
+template <typename T> inline Pack<T> operator*(const Pack<T>& a, T s) {
+  return {{a.v[0] * s, a.v[1] * s, a.v[2] * s, a.v[3] * s}};
+}
+#endif
+
+// Channels of the interleaved layout: C colour channels, the alpha, zero padding to a multiple of 4.
+inline int64_t packed_channels(int64_t C) { return (C + 1 + 3) / 4 * 4; }
+
+// Layer (C planes of HW) and alpha (one plane) -> dst (HW, Cp); padding lanes are left as they are (zero).
+template <int CC, typename scalar_t, typename acc_t>
+void interleave(const scalar_t* layer, const scalar_t* alpha, int64_t C_runtime, int64_t HW, acc_t* dst) {
+  const int64_t C = CC > 0 ? CC : C_runtime, Cp = packed_channels(C);
+  for (int64_t c = 0; c <= C; ++c) {
+    const scalar_t* src = c < C ? layer + c * HW : alpha;
+    for (int64_t p = 0; p < HW; ++p) dst[p * Cp + c] = acc_t(src[p]);
+  }
+}
+
+// ---- where a sample point falls ----
+
+template <typename acc_t> struct Cell {
+  enum Kind : int { kInterior, kOutside, kPartial } kind;
+  int64_t o;     // interior: flat offset of the cell's top-left corner (x0, y0)
+  acc_t tx, ty;  // interior: position inside the cell
+};
+
+// The sample point and floor of footprint() (for ix >= 0 truncation is floor), classified.
+template <typename acc_t>
+inline Cell<acc_t> cell_of(const PixelAffine<acc_t>& a, int64_t w, int64_t h, int64_t H, int64_t W) {
+  const acc_t ix = a.ix(w, h), iy = a.iy(w, h);
+  if (ix >= acc_t(0) && iy >= acc_t(0) && ix < acc_t(W - 1) && iy < acc_t(H - 1)) {
+    const int64_t x0 = static_cast<int64_t>(ix), y0 = static_cast<int64_t>(iy);
+    return {Cell<acc_t>::kInterior, y0 * W + x0, ix - acc_t(x0), iy - acc_t(y0)};
+  }
+  if (ix < acc_t(-1) || iy < acc_t(-1) || ix >= acc_t(W) || iy >= acc_t(H))  // every corner outside
+    return {Cell<acc_t>::kOutside, 0, acc_t(0), acc_t(0)};
+  return {Cell<acc_t>::kPartial, 0, acc_t(0), acc_t(0)};  // includes nan: footprint() sends it to the border
+}
+
+// Bilinear interpolation inside an interior cell whose top-left corner is at p (rows W apart): sample()'s formula.
+template <typename acc_t, typename scalar_t>
+inline acc_t lerp_cell(const scalar_t* p, int64_t W, acc_t tx, acc_t ty) {
+  const acc_t v0 = p[0], v1 = p[1], v2 = p[W], v3 = p[W + 1];
+  const acc_t top = v0 + tx * (v1 - v0), bottom = v2 + tx * (v3 - v2);
+  return top + ty * (bottom - top);
+}
+
+// ---- forward ----
+
+// No warp: row h of layer i over `previous` into `out` (rows of channel 0, planes HW apart; may be the same row).
+template <int CC, typename scalar_t>
+void forward_row_plain(const CompositeInputs<scalar_t>& in, int64_t b, int64_t i, int64_t h, const scalar_t* previous,
+                       scalar_t* out, scalar_t* warped_row) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t C = CC > 0 ? CC : in.C, HW = in.H * in.W, W = in.W, bi = b * in.N + i;
+  const scalar_t* f_row = in.layers + bi * C * HW + h * W;
+  const scalar_t* m_row = in.alphas + bi * HW + h * W;
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* f = f_row + c * HW;
+    const scalar_t* x = previous + c * HW;
+    scalar_t* y = out + c * HW;
+    for (int64_t w = 0; w < W; ++w) {
+      const acc_t xv = x[w];
+      y[w] = scalar_t(xv + acc_t(m_row[w]) * (acc_t(f[w]) - xv));
+    }
+  }
+  std::copy(m_row, m_row + W, warped_row);
+}
+
+// A warp, planar tensors: row h of layer i (for B < threads, rows in parallel).
+template <int CC, typename scalar_t>
+void forward_row_warp(const CompositeInputs<scalar_t>& in, int64_t b, int64_t i, int64_t h, const scalar_t* previous,
+                      scalar_t* out, scalar_t* warped_row) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W, bi = b * in.N + i;
+  const scalar_t* layer = in.layers + bi * C * HW;
+  const scalar_t* alpha = in.alphas + bi * HW;
+  const PixelAffine<acc_t>& a = in.warp[bi].to_input;
+  for (int64_t w = 0; w < W; ++w) {
+    const Cell<acc_t> cell = cell_of(a, w, h, H, W);
+    acc_t m;
+    if (cell.kind == Cell<acc_t>::kInterior) {
+      m = lerp_cell(alpha + cell.o, W, cell.tx, cell.ty);
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t f = lerp_cell(layer + c * HW + cell.o, W, cell.tx, cell.ty), x = previous[c * HW + w];
+        out[c * HW + w] = scalar_t(x + m * (f - x));
+      }
+    } else if (cell.kind == Cell<acc_t>::kOutside) {
+      m = 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t x = previous[c * HW + w];
+        out[c * HW + w] = scalar_t(x + m * (acc_t(0) - x));
+      }
+    } else {
+      const Bilinear<acc_t> q = bilinear(footprint(a, w, h, H, W), H, W);
+      m = sample(alpha, q).value;
+      for (int64_t c = 0; c < C; ++c) {
+        const acc_t f = sample(layer + c * HW, q).value, x = previous[c * HW + w];
+        out[c * HW + w] = scalar_t(x + m * (f - x));
+      }
+    }
+    warped_row[w] = scalar_t(m);
+  }
+}
+
+// A warp, sample b owned by the calling thread: each layer is interleaved into `packed` (HW, Cp), each output row
+// sampled into `sampled` (W, Cp), then blended over the row below.
+template <int CC, typename scalar_t>
+void forward_sample_warp(const CompositeInputs<scalar_t>& in, int64_t b, scalar_t* image, scalar_t* warped_alphas,
+                         std::vector<typename Acc<scalar_t>::type>& packed,
+                         std::vector<typename Acc<scalar_t>::type>& sampled) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = in.N, C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W, Cp = packed_channels(C);
+  constexpr int64_t kPacketsFixed = CC > 0 ? (CC + 1 + 3) / 4 : 0;
+  const int64_t packets = kPacketsFixed > 0 ? kPacketsFixed : Cp / 4;
+  packed.resize(HW * Cp);
+  sampled.resize(W * Cp);
+  std::fill(packed.begin(), packed.end(), acc_t(0));
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t bi = b * N + i;
+    const scalar_t* layer = in.layers + bi * C * HW;
+    const scalar_t* alpha = in.alphas + bi * HW;
+    interleave<CC>(layer, alpha, C, HW, packed.data());
+    const PixelAffine<acc_t>& a = in.warp[bi].to_input;
+    for (int64_t h = 0; h < H; ++h) {
+      for (int64_t w = 0; w < W; ++w) {
+        const Cell<acc_t> cell = cell_of(a, w, h, H, W);
+        acc_t* r = sampled.data() + w * Cp;
+        if (cell.kind == Cell<acc_t>::kInterior) {
+          const acc_t* corner = packed.data() + cell.o * Cp;
+          for (int64_t k = 0; k < packets; ++k) {
+            const Pack<acc_t> v0 = Pack<acc_t>::load(corner + 4 * k), v1 = Pack<acc_t>::load(corner + Cp + 4 * k);
+            const Pack<acc_t> v2 = Pack<acc_t>::load(corner + W * Cp + 4 * k);
+            const Pack<acc_t> v3 = Pack<acc_t>::load(corner + (W + 1) * Cp + 4 * k);
+            const Pack<acc_t> top = v0 + (v1 - v0) * cell.tx, bottom = v2 + (v3 - v2) * cell.tx;
+            (top + (bottom - top) * cell.ty).store(r + 4 * k);
+          }
+        } else if (cell.kind == Cell<acc_t>::kOutside) {
+          std::fill(r, r + C + 1, acc_t(0));
+        } else {
+          const Bilinear<acc_t> q = bilinear(footprint(a, w, h, H, W), H, W);
+          for (int64_t c = 0; c < C; ++c) r[c] = sample(layer + c * HW, q).value;
+          r[C] = sample(alpha, q).value;
+        }
+      }
+      const scalar_t* previous = (i == 0 ? in.background : image) + b * C * HW + h * W;
+      scalar_t* out = image + b * C * HW + h * W;
+      const acc_t* s = sampled.data();
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t w = 0; w < W; ++w) {
+          const acc_t x = previous[c * HW + w], m = s[w * Cp + C];
+          out[c * HW + w] = scalar_t(x + m * (s[w * Cp + c] - x));
+        }
+      scalar_t* warped_row = warped_alphas + bi * HW + h * W;
+      for (int64_t w = 0; w < W; ++w) warped_row[w] = scalar_t(s[w * Cp + C]);
+    }
+  }
+}
+
+template <int CC, typename scalar_t>
+void forward(const CompositeInputs<scalar_t>& in, scalar_t* image, scalar_t* warped_alphas) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t B = in.B, N = in.N, C = in.C, H = in.H, W = in.W, HW = H * W;
+  if (in.warp != nullptr && B >= at::get_num_threads()) {
+    at::parallel_for(0, B, sample_grain(N, C, H, W), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> packed, sampled;
+      for (int64_t b = begin; b < end; ++b) forward_sample_warp<CC>(in, b, image, warped_alphas, packed, sampled);
+    });
+    return;
+  }
+  at::parallel_for(0, B * H, row_grain(N, C, W), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, h = row % H;
+      const scalar_t* background = in.background + b * C * HW + h * W;
+      scalar_t* out = image + b * C * HW + h * W;  // holds x_i between layers
+      for (int64_t i = 0; i < N; ++i) {
+        scalar_t* warped_row = warped_alphas + (b * N + i) * HW + h * W;
+        if (in.warp == nullptr)
+          forward_row_plain<CC>(in, b, i, h, i == 0 ? background : out, out, warped_row);
+        else
+          forward_row_warp<CC>(in, b, i, h, i == 0 ? background : out, out, warped_row);
+      }
+    }
+  });
+}
+
+// ---- backward ----
+
+// No warp: every gradient sits at its own pixel. Rows (b, h) in [begin, end), row-wise loops over contiguous
+// pixels; the per-pixel scalars (s, P, c_i, q_i) live in row buffers.
+template <int CC, typename scalar_t>
+void backward_rows_plain(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, const scalar_t* grad_warped,
+                         scalar_t* grad_layers, scalar_t* grad_alphas, scalar_t* grad_background, int64_t begin,
+                         int64_t end) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = in.N, C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W;
+  std::vector<acc_t> buffer((N + 3) * W);
+  acc_t* s = buffer.data();  // s_{i-1} = g . x_{i-1}
+  acc_t* P = s + W;          // prod_{j > i} (1 - m_j)
+  acc_t* coef = P + W;       // c_i = m_i P_i
+  acc_t* q_rows = coef + W;  // q_i = g . f_i - s_{i-1}, (N, W)
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / H, h = row % H, offset = h * W;
+    const scalar_t* g = grad_image + b * C * HW + offset;  // channel c at g + c * HW
+    const scalar_t* background = in.background + b * C * HW + offset;
+    std::fill(s, s + W, acc_t(0));
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t w = 0; w < W; ++w) s[w] += acc_t(g[c * HW + w]) * acc_t(background[c * HW + w]);
+    for (int64_t i = 0; i < N; ++i) {  // forward sweep: q_i, then s_i
+      const scalar_t* f = in.layers + (b * N + i) * C * HW + offset;
+      const scalar_t* m = in.alphas + (b * N + i) * HW + offset;
+      acc_t* q = q_rows + i * W;
+      std::fill(q, q + W, acc_t(0));
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t w = 0; w < W; ++w) q[w] += acc_t(g[c * HW + w]) * acc_t(f[c * HW + w]);
+      for (int64_t w = 0; w < W; ++w) {
+        q[w] -= s[w];
+        s[w] += acc_t(m[w]) * q[w];
+      }
+    }
+    std::fill(P, P + W, acc_t(1));
+    for (int64_t i = N - 1; i >= 0; --i) {  // backward sweep
+      const int64_t bi = b * N + i;
+      const scalar_t* m = in.alphas + bi * HW + offset;
+      const scalar_t* gw = grad_warped != nullptr ? grad_warped + bi * HW + offset : nullptr;
+      const acc_t* q = q_rows + i * W;
+      scalar_t* grad_m = grad_alphas + bi * HW + offset;
+      for (int64_t w = 0; w < W; ++w) {
+        const acc_t mw = m[w];
+        coef[w] = mw * P[w];
+        grad_m[w] = scalar_t(P[w] * q[w] + (gw != nullptr ? acc_t(gw[w]) : acc_t(0)));
+        P[w] *= acc_t(1) - mw;
+      }
+      scalar_t* grad_f = grad_layers + bi * C * HW + offset;
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t w = 0; w < W; ++w) grad_f[c * HW + w] = scalar_t(coef[w] * acc_t(g[c * HW + w]));
+    }
+    scalar_t* grad_b = grad_background + b * C * HW + offset;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t w = 0; w < W; ++w) grad_b[c * HW + w] = scalar_t(P[w] * acc_t(g[c * HW + w]));
+  }
+}
+
+// A layer at one output pixel with a warp: alpha m, dot = g . f over the channels, and their derivatives along
+// the sample point. g: the pixel's cotangent in the interleaved layout (Cp lanes, zero from lane C on).
+template <typename acc_t> struct LayerAt {
+  acc_t m, dot, dm_x, dm_y, dd_x, dd_y;
+};
+
+// Interior cell: corner = the cell's top-left corner in the interleaved layout.
+template <int CC, typename acc_t>
+inline LayerAt<acc_t> layer_at_interior(const acc_t* corner, const Pack<acc_t>* g, int64_t C_runtime, int64_t W, acc_t tx,
+                                        acc_t ty) {
+  const int64_t C = CC > 0 ? CC : C_runtime, Cp = packed_channels(C);
+  constexpr int64_t kPacketsFixed = CC > 0 ? (CC + 1 + 3) / 4 : 0;
+  const int64_t packets = kPacketsFixed > 0 ? kPacketsFixed : Cp / 4;
+  const acc_t ux = acc_t(1) - tx, uy = acc_t(1) - ty;
+  LayerAt<acc_t> out{0, 0, 0, 0, 0, 0};
+  for (int64_t k = 0; k < packets; ++k) {
+    const Pack<acc_t> v0 = Pack<acc_t>::load(corner + 4 * k), v1 = Pack<acc_t>::load(corner + Cp + 4 * k);
+    const Pack<acc_t> v2 = Pack<acc_t>::load(corner + W * Cp + 4 * k);
+    const Pack<acc_t> v3 = Pack<acc_t>::load(corner + (W + 1) * Cp + 4 * k);
+    const Pack<acc_t> top = v0 + (v1 - v0) * tx, bottom = v2 + (v3 - v2) * tx;
+    const Pack<acc_t> value = top + (bottom - top) * ty;
+    const Pack<acc_t> d_x = (v1 - v0) * uy + (v3 - v2) * ty, d_y = (v2 - v0) * ux + (v3 - v1) * tx;
+    const Pack<acc_t> gk = g[k];
+    const Pack<acc_t> gv = gk * value, gx = gk * d_x, gy = gk * d_y;
+    for (int lane = 0; lane < 4; ++lane) {
+      if (4 * k + lane < C) {
+        out.dot += gv.lane(lane);
+        out.dd_x += gx.lane(lane);
+        out.dd_y += gy.lane(lane);
+      } else if (4 * k + lane == C) {
+        out.m = value.lane(lane);
+        out.dm_x = d_x.lane(lane);
+        out.dm_y = d_y.lane(lane);
+      }
+    }
+  }
+  return out;
+}
+
+// Partial cell (rare: the border): composite.h's corner code on the planar tensors; also returns the corners.
+template <typename scalar_t, typename acc_t>
+#if defined(__GNUC__)
+__attribute__((noinline))
+#endif
+LayerAt<acc_t> layer_at_partial(const PixelAffine<acc_t>& a, const scalar_t* layer, const scalar_t* alpha,
+                                const acc_t* g, int64_t C, int64_t h, int64_t w, int64_t H, int64_t W,
+                                Bilinear<acc_t>* corners) {
+  const int64_t HW = H * W;
+  *corners = bilinear(footprint(a, w, h, H, W), H, W);
+  const Sampled<acc_t> m = sample(alpha, *corners);
+  LayerAt<acc_t> out{m.value, 0, m.d_ix, m.d_iy, 0, 0};
+  for (int64_t c = 0; c < C; ++c) {
+    const Sampled<acc_t> f = sample(layer + c * HW, *corners);
+    out.dot += g[c] * f.value;
+    out.dd_x += g[c] * f.d_ix;
+    out.dd_y += g[c] * f.d_iy;
+  }
+  return out;
+}
+
+// Per-thread buffers of the warp backward.
+template <typename acc_t> struct WarpBuffers {
+  std::vector<acc_t> packed;  // the sample's layers interleaved, (N, HW, Cp)
+  std::vector<acc_t> grads;   // their gradients, same layout
+  std::vector<acc_t> small;   // g, prefix, theta sums, gix and giy of a row, xn
+  std::vector<Pack<acc_t>> g_packs;  // g in packets (for C > 3)
+};
+
+// A warp, sample b owned by the calling thread: per output pixel a forward sweep of scalar prefixes over the
+// layers below the top and a backward sweep of suffix products (composite.h), the gradients scattered in pixel
+// order into the interleaved buffer, then de-interleaved into grad_layers and grad_alphas.
+template <int CC, typename scalar_t>
+void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, const scalar_t* grad_warped,
+                          int64_t b, scalar_t* grad_layers_all, scalar_t* grad_alphas_all, scalar_t* grad_background,
+                          scalar_t* grad_theta, WarpBuffers<typename Acc<scalar_t>::type>& buffers) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t N = in.N, C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W, Cp = packed_channels(C);
+  constexpr int64_t kPacketsFixed = CC > 0 ? (CC + 1 + 3) / 4 : 0;
+  const int64_t packets = kPacketsFixed > 0 ? kPacketsFixed : Cp / 4;
+  buffers.packed.resize(N * HW * Cp);
+  buffers.grads.assign(N * HW * Cp, acc_t(0));
+  buffers.small.assign(C + 2 * N + 6 * N + 2 * N * W + W, acc_t(0));
+  acc_t* packed = buffers.packed.data();
+  acc_t* grads = buffers.grads.data();
+  acc_t* g = buffers.small.data();  // the pixel's cotangent, C values
+  buffers.g_packs.resize(packets);
+  Pack<acc_t> g_fixed[kPacketsFixed > 0 ? kPacketsFixed : 1];  // in registers when C is fixed
+  Pack<acc_t>* g_packs = kPacketsFixed > 0 ? g_fixed : buffers.g_packs.data();  // g in Cp lanes, zero from lane C
+  acc_t* prefix = g + C;            // (m_i, q_i) of layers 0..N-2 at the pixel
+  acc_t* sums = prefix + 2 * N;     // grad theta sums of add_theta_terms, (N, 6)
+  acc_t* gi_row = sums + 6 * N;     // gix, giy of the current row, (N, 2, W)
+  acc_t* xn = gi_row + 2 * N * W;   // xn of every column
+  for (int64_t w = 0; w < W; ++w) xn[w] = acc_t(2 * w + 1) / acc_t(W) - 1;
+  const scalar_t* layers = in.layers + b * N * C * HW;
+  const scalar_t* alphas = in.alphas + b * N * HW;
+  const WarpMap<acc_t>* maps = in.warp + b * N;
+  for (int64_t i = 0; i < N; ++i) {
+    acc_t* dst = packed + i * HW * Cp;
+    std::fill(dst, dst + HW * Cp, acc_t(0));
+    interleave<CC>(layers + i * C * HW, alphas + i * HW, C, HW, dst);
+  }
+  // A layer at an output pixel, any cell kind (the packed buffer for interior cells, the planar tensors else).
+  auto at_pixel = [&](int64_t i, const Cell<acc_t>& cell, int64_t h, int64_t w, Bilinear<acc_t>* corners) {
+    if (cell.kind == Cell<acc_t>::kInterior)
+      return layer_at_interior<CC>(packed + (i * HW + cell.o) * Cp, g_packs, C, W, cell.tx, cell.ty);
+    if (cell.kind == Cell<acc_t>::kOutside) return LayerAt<acc_t>{0, 0, 0, 0, 0, 0};
+    return layer_at_partial(maps[i].to_input, layers + i * C * HW, alphas + i * HW, g, C, h, w, H, W, corners);
+  };
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t w = 0; w < W; ++w) {
+      const int64_t p = h * W + w;
+      const scalar_t* g_in = grad_image + b * C * HW + p;
+      const scalar_t* background = in.background + b * C * HW + p;
+      acc_t s = 0;  // s_{i-1} = g . x_{i-1}
+      for (int64_t k = 0; k < packets; ++k) g_packs[k] = Pack<acc_t>{};
+      for (int64_t c = 0; c < C; ++c) {
+        g[c] = g_in[c * HW];
+        g_packs[c / 4].set_lane(int(c % 4), g[c]);
+        s += g[c] * acc_t(background[c * HW]);
+      }
+      for (int64_t i = 0; i + 1 < N; ++i) {  // forward sweep below the top layer
+        Bilinear<acc_t> corners;
+        const LayerAt<acc_t> at = at_pixel(i, cell_of(maps[i].to_input, w, h, H, W), h, w, &corners);
+        const acc_t q = at.dot - s;
+        prefix[2 * i] = at.m;
+        prefix[2 * i + 1] = q;
+        s += at.m * q;
+      }
+      acc_t P = 1;  // P_i = prod_{j > i} (1 - m_j)
+      for (int64_t i = N - 1; i >= 0; --i) {  // backward sweep
+        const Cell<acc_t> cell = cell_of(maps[i].to_input, w, h, H, W);
+        Bilinear<acc_t> corners;
+        const LayerAt<acc_t> at = at_pixel(i, cell, h, w, &corners);
+        const acc_t m = i == N - 1 ? at.m : prefix[2 * i];
+        const acc_t q = i == N - 1 ? at.dot - s : prefix[2 * i + 1];
+        const acc_t c_i = m * P;
+        const acc_t e_i = P * q + (grad_warped != nullptr ? acc_t(grad_warped[(b * N + i) * HW + p]) : acc_t(0));
+        P *= acc_t(1) - m;
+        gi_row[2 * i * W + w] = c_i * at.dd_x + e_i * at.dm_x;  // zero outside: the derivatives are
+        gi_row[(2 * i + 1) * W + w] = c_i * at.dd_y + e_i * at.dm_y;
+        if (cell.kind == Cell<acc_t>::kOutside) continue;  // no corner inside: no gradient
+        acc_t* grad = grads + i * HW * Cp;
+        if (cell.kind == Cell<acc_t>::kInterior) {
+          const acc_t tx = cell.tx, ty = cell.ty, ux = acc_t(1) - tx, uy = acc_t(1) - ty;
+          const acc_t weight[4] = {ux * uy, tx * uy, ux * ty, tx * ty};
+          acc_t* corner[4] = {grad + cell.o * Cp, grad + (cell.o + 1) * Cp, grad + (cell.o + W) * Cp,
+                              grad + (cell.o + W + 1) * Cp};
+          for (int64_t k = 0; k < packets; ++k) {
+            Pack<acc_t> t = g_packs[k] * c_i;  // c_i g in the colour lanes
+            if (C / 4 == k) t.set_lane(int(C % 4), e_i);                     // e_i in the alpha lane
+            for (int j = 0; j < 4; ++j) (Pack<acc_t>::load(corner[j] + 4 * k) + t * weight[j]).store(corner[j] + 4 * k);
+          }
+        } else {
+          for (int k = 0; k < 4; ++k) {
+            if (!corners.inside[k]) continue;
+            const acc_t weight = corners.weight(k), weight_c = weight * c_i;
+            acc_t* target = grad + corners.offset[k] * Cp;
+            for (int64_t c = 0; c < C; ++c) target[c] += weight_c * g[c];
+            target[C] += weight * e_i;
+          }
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) grad_background[b * C * HW + c * HW + p] = scalar_t(P * g[c]);
+    }
+    const acc_t yn = acc_t(2 * h + 1) / acc_t(H) - 1;
+    for (int64_t i = 0; i < N; ++i) {  // the row's grad theta terms, in pixel order
+      const acc_t* gix = gi_row + 2 * i * W;
+      const acc_t* giy = gix + W;
+      acc_t x_xn = 0, x_sum = 0, y_xn = 0, y_sum = 0;
+      for (int64_t w = 0; w < W; ++w) {
+        x_xn += gix[w] * xn[w];
+        x_sum += gix[w];
+        y_xn += giy[w] * xn[w];
+        y_sum += giy[w];
+      }
+      acc_t* t = sums + 6 * i;
+      t[0] += x_xn;
+      t[1] += x_sum * yn;
+      t[2] += x_sum;
+      t[3] += y_xn;
+      t[4] += y_sum * yn;
+      t[5] += y_sum;
+    }
+  }
+  for (int64_t i = 0; i < N; ++i) {
+    store_theta_grad(sums + 6 * i, H, W, grad_theta + (b * N + i) * 6);
+    const acc_t* grad = grads + i * HW * Cp;
+    scalar_t* grad_f = grad_layers_all + (b * N + i) * C * HW;
+    scalar_t* grad_m = grad_alphas_all + (b * N + i) * HW;
+    for (int64_t c = 0; c < C; ++c)
+      for (int64_t p = 0; p < HW; ++p) grad_f[c * HW + p] = scalar_t(grad[p * Cp + c]);
+    for (int64_t p = 0; p < HW; ++p) grad_m[p] = scalar_t(grad[p * Cp + C]);
+  }
+}
+
+template <int CHUNK, typename scalar_t>
+void gather(const CompositeInputs<scalar_t>& in, const typename Acc<scalar_t>::type* coef, const scalar_t* grad_image,
+            scalar_t* grad_layers, scalar_t* grad_alphas) {
+  const int64_t N = in.N, H = in.H, W = in.W;
+  at::parallel_for(0, in.B * N * H, row_grain(1, in.C, W), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row)  // row = (b * N + i) * H + sy
+      for (int64_t sx = 0; sx < W; ++sx)
+        gather_pixel<CHUNK>(in, coef, grad_image, row / (N * H), row / H % N, row % H, sx, grad_layers, grad_alphas);
+  });
+}
+
+template <int CC, typename scalar_t>
+void backward(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, const scalar_t* grad_warped,
+              scalar_t* grad_layers, scalar_t* grad_alphas, scalar_t* grad_background, scalar_t* grad_theta) {
+  using acc_t = typename Acc<scalar_t>::type;
+  const int64_t B = in.B, N = in.N, C = in.C, H = in.H, W = in.W, HW = H * W;
+  if (in.warp == nullptr) {  // no warp: every gradient is written at its own pixel in one pass
+    at::parallel_for(0, B * H, row_grain(N, C, W), [&](int64_t begin, int64_t end) {
+      backward_rows_plain<CC>(in, grad_image, grad_warped, grad_layers, grad_alphas, grad_background, begin, end);
+    });
+    return;
+  }
+  if (B >= at::get_num_threads()) {  // a warp, and a sample for every thread: scatter per sample
+    at::parallel_for(0, B, sample_grain(N, C, H, W), [&](int64_t begin, int64_t end) {
+      WarpBuffers<acc_t> buffers;
+      for (int64_t b = begin; b < end; ++b)
+        backward_sample_warp<CC>(in, grad_image, grad_warped, b, grad_layers, grad_alphas, grad_background, grad_theta,
+                                 buffers);
+    });
+    return;
+  }
+  // a warp and few samples: the GPU's plan, parallel over pixels, with the per-pixel code of composite.h
+  const at::Tensor coef_tensor = at::empty({backward_scratch_size(true, B, N, H, W)}, at::dtype<acc_t>());
+  acc_t* coef = coef_tensor.data_ptr<acc_t>();  // (B, N, kWarpSlots, H, W)
+  at::parallel_for(0, B * H, row_grain(N, C, W), [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / H, h = row % H;
+      for (int64_t w = 0; w < W; ++w) {
+        const Scratch<acc_t> scratch_at{coef + b * N * kWarpSlots * HW + h * W + w, kWarpSlots * HW, HW};
+        const WarpSink<acc_t> sink{scratch_at};
+        backward_pixel(in, grad_image, grad_warped, scratch_at, b, h, w, grad_background, sink);
+      }
+    }
+  });
+  if (C <= 4)
+    gather<4>(in, coef, grad_image, grad_layers, grad_alphas);
+  else
+    gather<16>(in, coef, grad_image, grad_layers, grad_alphas);
+  at::parallel_for(0, B * N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t bi = begin; bi < end; ++bi) {
+      acc_t sums[6] = {0, 0, 0, 0, 0, 0};
+      const acc_t* gix = coef + (bi * kWarpSlots + 2) * HW;
+      const acc_t* giy = coef + (bi * kWarpSlots + 3) * HW;
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t w = 0; w < W; ++w) add_theta_terms(sums, gix[h * W + w], giy[h * W + w], h, w, H, W);
+      store_theta_grad(sums, H, W, grad_theta + bi * 6);
+    }
+  });
+}
+
+}  // namespace cpu
+}  // namespace minseg
