@@ -32,9 +32,11 @@ def extension_modules():
     if use_cuda:
         sources += sorted(glob.glob("csrc/*.cu"))
         ext = CUDAExtension("minseg._C", sources, include_dirs=[os.path.abspath("csrc")],
-                            extra_compile_args={"cxx": ["-O3", "-DWITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]})
+                            extra_compile_args={"cxx": ["-O3", "-fopenmp", "-DWITH_CUDA"], "nvcc": ["-O3", "--use_fast_math"]},
+                            extra_link_args=["-fopenmp"])
     else:
-        ext = CppExtension("minseg._C", sources, include_dirs=[os.path.abspath("csrc")], extra_compile_args=["-O3"])
+        ext = CppExtension("minseg._C", sources, include_dirs=[os.path.abspath("csrc")],
+                           extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
     return [ext], {"build_ext": BuildExtension.with_options(no_python_abi_suffix=True)}
 
 

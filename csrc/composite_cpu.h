@@ -1,15 +1,15 @@
 // Op A, warp-and-composite: the CPU kernels (included by composite.cpp only; the CUDA kernels never see this
 // file). They compute what composite.h defines, in loops shaped for a CPU core rather than one thread per pixel:
 //
-//   - No warp: row-wise loops over contiguous pixels, one channel at a time, which the compiler vectorises
-//     (C = 64 feature blends are memory-bound streams).
+//   - No warp: spans of up to kSpan contiguous pixels of one sample, one channel at a time, in loops the compiler
+//     vectorises; the backward reads every input plane once (C = 64 feature blends are memory-bound streams).
 //   - A warp, B >= threads (each thread owns whole samples): the layers of one sample are first interleaved into
 //     a per-thread buffer, pixel-major with the alpha as one more channel, (H, W, Cp) with Cp = C + 1 rounded up to
 //     a multiple of 4 (RGBA for C = 3). A bilinear tap is then one 4-lane load per corner and packet of 4 channels
 //     instead of one scalar load per corner and channel, and the backward scatters one 4-lane add per corner into
 //     an interleaved gradient buffer, de-interleaved into grad_layers / grad_alphas at the end. Both buffers stay
 //     in L2 (256 KB each for one 128 x 128 RGBA layer). Every sample point is classified once per layer
-//     (cell_of): interior (its 2x2 cell inside the image: one base offset, no per-corner tests), outside (reads
+//     (RowCells): interior (its 2x2 cell inside the image: one base offset, no per-corner tests), outside (reads
 //     zeros only: no contribution, no gradient) or partial (straddling the border: composite.h's corner code).
 //     Grad theta accumulates per row, then per sample, in pixel order: deterministic.
 //   - A warp, B < threads (e.g. one large image): the forward runs rows in parallel on the planar tensors; the
@@ -53,9 +53,9 @@ template <typename T> struct Pack {
     std::memcpy(&r.v, p, sizeof(r.v));
     return r;
   }
+  static Pack make(T a, T b, T c, T d) { return {typename VectorOf<T>::type{a, b, c, d}}; }
   void store(T* p) const { std::memcpy(p, &v, sizeof(v)); }
   T lane(int k) const { return v[k]; }
-  void set_lane(int k, T x) { v[k] = x; }
 };
 template <typename T> inline Pack<T> operator+(const Pack<T>& a, const Pack<T>& b) { return {a.v + b.v}; }
 template <typename T> inline Pack<T> operator-(const Pack<T>& a, const Pack<T>& b) { return {a.v - b.v}; }
@@ -69,9 +69,9 @@ template <typename T> struct Pack {
     std::memcpy(r.v, p, sizeof(r.v));
     return r;
   }
+  static Pack make(T a, T b, T c, T d) { return {{a, b, c, d}}; }
   void store(T* p) const { std::memcpy(p, v, sizeof(v)); }
   T lane(int k) const { return v[k]; }
-  void set_lane(int k, T x) { v[k] = x; }
 };
 template <typename T> inline Pack<T> operator+(const Pack<T>& a, const Pack<T>& b) {
   return {{a.v[0] + b.v[0], a.v[1] + b.v[1], a.v[2] + b.v[2], a.v[3] + b.v[3]}};
@@ -108,18 +108,29 @@ template <typename acc_t> struct Cell {
   acc_t tx, ty;  // interior: position inside the cell
 };
 
-// The sample point and floor of footprint() (for ix >= 0 truncation is floor), classified.
-template <typename acc_t>
-inline Cell<acc_t> cell_of(const PixelAffine<acc_t>& a, int64_t w, int64_t h, int64_t H, int64_t W) {
-  const acc_t ix = a.ix(w, h), iy = a.iy(w, h);
-  if (ix >= acc_t(0) && iy >= acc_t(0) && ix < acc_t(W - 1) && iy < acc_t(H - 1)) {
-    const int64_t x0 = static_cast<int64_t>(ix), y0 = static_cast<int64_t>(iy);
-    return {Cell<acc_t>::kInterior, y0 * W + x0, ix - acc_t(x0), iy - acc_t(y0)};
+// The sample points of one output row h of one layer, classified pixel by pixel: the arithmetic of footprint()
+// (ix = (ax w + bx h) + cx, same rounding; for ix >= 0 truncation is floor) with the row's terms and the bounds
+// converted once.
+template <typename acc_t> struct RowCells {
+  acc_t ax, ay, bxh, byh, cx, cy, last_x, last_y, width, height;
+  RowCells() = default;
+  RowCells(const PixelAffine<acc_t>& a, int64_t h, int64_t H, int64_t W)
+      : ax(a.ax), ay(a.ay), bxh(a.bx * acc_t(h)), byh(a.by * acc_t(h)), cx(a.cx), cy(a.cy), last_x(acc_t(W - 1)),
+        last_y(acc_t(H - 1)), width(acc_t(W)), height(acc_t(H)), W_(W) {}
+  Cell<acc_t> operator()(int64_t w) const {
+    const acc_t wf = acc_t(w), ix = ax * wf + bxh + cx, iy = ay * wf + byh + cy;
+    if (ix >= acc_t(0) && iy >= acc_t(0) && ix < last_x && iy < last_y) {
+      const int64_t x0 = static_cast<int64_t>(ix), y0 = static_cast<int64_t>(iy);
+      return {Cell<acc_t>::kInterior, y0 * W_ + x0, ix - acc_t(x0), iy - acc_t(y0)};
+    }
+    if (ix < acc_t(-1) || iy < acc_t(-1) || ix >= width || iy >= height)  // every corner outside
+      return {Cell<acc_t>::kOutside, 0, acc_t(0), acc_t(0)};
+    return {Cell<acc_t>::kPartial, 0, acc_t(0), acc_t(0)};  // includes nan: footprint() sends it to the border
   }
-  if (ix < acc_t(-1) || iy < acc_t(-1) || ix >= acc_t(W) || iy >= acc_t(H))  // every corner outside
-    return {Cell<acc_t>::kOutside, 0, acc_t(0), acc_t(0)};
-  return {Cell<acc_t>::kPartial, 0, acc_t(0), acc_t(0)};  // includes nan: footprint() sends it to the border
-}
+
+ private:
+  int64_t W_ = 0;
+};
 
 // Bilinear interpolation inside an interior cell whose top-left corner is at p (rows W apart): sample()'s formula.
 template <typename acc_t, typename scalar_t>
@@ -131,24 +142,29 @@ inline acc_t lerp_cell(const scalar_t* p, int64_t W, acc_t tx, acc_t ty) {
 
 // ---- forward ----
 
-// No warp: row h of layer i over `previous` into `out` (rows of channel 0, planes HW apart; may be the same row).
+// No warp: pixels [p0, p0 + n) of sample b, every layer in turn, one channel at a time over contiguous pixels.
 template <int CC, typename scalar_t>
-void forward_row_plain(const CompositeInputs<scalar_t>& in, int64_t b, int64_t i, int64_t h, const scalar_t* previous,
-                       scalar_t* out, scalar_t* warped_row) {
+void forward_span_plain(const CompositeInputs<scalar_t>& in, int64_t b, int64_t p0, int64_t n, scalar_t* image,
+                        scalar_t* warped_alphas) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t C = CC > 0 ? CC : in.C, HW = in.H * in.W, W = in.W, bi = b * in.N + i;
-  const scalar_t* f_row = in.layers + bi * C * HW + h * W;
-  const scalar_t* m_row = in.alphas + bi * HW + h * W;
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* f = f_row + c * HW;
-    const scalar_t* x = previous + c * HW;
-    scalar_t* y = out + c * HW;
-    for (int64_t w = 0; w < W; ++w) {
-      const acc_t xv = x[w];
-      y[w] = scalar_t(xv + acc_t(m_row[w]) * (acc_t(f[w]) - xv));
+  const int64_t N = in.N, C = CC > 0 ? CC : in.C, HW = in.H * in.W;
+  scalar_t* out = image + b * C * HW + p0;  // holds x_i between layers
+  for (int64_t i = 0; i < N; ++i) {
+    const int64_t bi = b * N + i;
+    const scalar_t* previous = i == 0 ? in.background + b * C * HW + p0 : out;
+    const scalar_t* f = in.layers + bi * C * HW + p0;
+    const scalar_t* m = in.alphas + bi * HW + p0;
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* x = previous + c * HW;
+      const scalar_t* fc = f + c * HW;
+      scalar_t* y = out + c * HW;
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t xv = x[k];
+        y[k] = scalar_t(xv + acc_t(m[k]) * (acc_t(fc[k]) - xv));
+      }
     }
+    std::copy(m, m + n, warped_alphas + bi * HW + p0);
   }
-  std::copy(m_row, m_row + W, warped_row);
 }
 
 // A warp, planar tensors: row h of layer i (for B < threads, rows in parallel).
@@ -160,8 +176,9 @@ void forward_row_warp(const CompositeInputs<scalar_t>& in, int64_t b, int64_t i,
   const scalar_t* layer = in.layers + bi * C * HW;
   const scalar_t* alpha = in.alphas + bi * HW;
   const PixelAffine<acc_t>& a = in.warp[bi].to_input;
+  const RowCells<acc_t> cells(a, h, H, W);
   for (int64_t w = 0; w < W; ++w) {
-    const Cell<acc_t> cell = cell_of(a, w, h, H, W);
+    const Cell<acc_t> cell = cells(w);
     acc_t m;
     if (cell.kind == Cell<acc_t>::kInterior) {
       m = lerp_cell(alpha + cell.o, W, cell.tx, cell.ty);
@@ -197,9 +214,8 @@ void forward_sample_warp(const CompositeInputs<scalar_t>& in, int64_t b, scalar_
   const int64_t N = in.N, C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W, Cp = packed_channels(C);
   constexpr int64_t kPacketsFixed = CC > 0 ? (CC + 1 + 3) / 4 : 0;
   const int64_t packets = kPacketsFixed > 0 ? kPacketsFixed : Cp / 4;
-  packed.resize(HW * Cp);
+  if (int64_t(packed.size()) != HW * Cp) packed.assign(HW * Cp, acc_t(0));  // padding lanes stay zero
   sampled.resize(W * Cp);
-  std::fill(packed.begin(), packed.end(), acc_t(0));
   for (int64_t i = 0; i < N; ++i) {
     const int64_t bi = b * N + i;
     const scalar_t* layer = in.layers + bi * C * HW;
@@ -207,8 +223,9 @@ void forward_sample_warp(const CompositeInputs<scalar_t>& in, int64_t b, scalar_
     interleave<CC>(layer, alpha, C, HW, packed.data());
     const PixelAffine<acc_t>& a = in.warp[bi].to_input;
     for (int64_t h = 0; h < H; ++h) {
+      const RowCells<acc_t> cells(a, h, H, W);
       for (int64_t w = 0; w < W; ++w) {
-        const Cell<acc_t> cell = cell_of(a, w, h, H, W);
+        const Cell<acc_t> cell = cells(w);
         acc_t* r = sampled.data() + w * Cp;
         if (cell.kind == Cell<acc_t>::kInterior) {
           const acc_t* corner = packed.data() + cell.o * Cp;
@@ -241,11 +258,25 @@ void forward_sample_warp(const CompositeInputs<scalar_t>& in, int64_t b, scalar_
   }
 }
 
+// Pixels per task of the no-warp kernels: long contiguous runs in every plane (C = 64 planes are streamed).
+constexpr int64_t kSpan = 1024;
+
 template <int CC, typename scalar_t>
 void forward(const CompositeInputs<scalar_t>& in, scalar_t* image, scalar_t* warped_alphas) {
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t B = in.B, N = in.N, C = in.C, H = in.H, W = in.W, HW = H * W;
-  if (in.warp != nullptr && B >= at::get_num_threads()) {
+  if (in.warp == nullptr) {
+    const int64_t spans = (HW + kSpan - 1) / kSpan;
+    const int64_t grain = std::max<int64_t>(1, 32768 / (std::min(HW, kSpan) * N * (C + 1)));
+    at::parallel_for(0, B * spans, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / spans, p0 = t % spans * kSpan;
+        forward_span_plain<CC>(in, b, p0, std::min(kSpan, HW - p0), image, warped_alphas);
+      }
+    });
+    return;
+  }
+  if (B >= at::get_num_threads()) {
     at::parallel_for(0, B, sample_grain(N, C, H, W), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> packed, sampled;
       for (int64_t b = begin; b < end; ++b) forward_sample_warp<CC>(in, b, image, warped_alphas, packed, sampled);
@@ -257,71 +288,73 @@ void forward(const CompositeInputs<scalar_t>& in, scalar_t* image, scalar_t* war
       const int64_t b = row / H, h = row % H;
       const scalar_t* background = in.background + b * C * HW + h * W;
       scalar_t* out = image + b * C * HW + h * W;  // holds x_i between layers
-      for (int64_t i = 0; i < N; ++i) {
-        scalar_t* warped_row = warped_alphas + (b * N + i) * HW + h * W;
-        if (in.warp == nullptr)
-          forward_row_plain<CC>(in, b, i, h, i == 0 ? background : out, out, warped_row);
-        else
-          forward_row_warp<CC>(in, b, i, h, i == 0 ? background : out, out, warped_row);
-      }
+      for (int64_t i = 0; i < N; ++i)
+        forward_row_warp<CC>(in, b, i, h, i == 0 ? background : out, out, warped_alphas + (b * N + i) * HW + h * W);
     }
   });
 }
 
 // ---- backward ----
 
-// No warp: every gradient sits at its own pixel. Rows (b, h) in [begin, end), row-wise loops over contiguous
-// pixels; the per-pixel scalars (s, P, c_i, q_i) live in row buffers.
+// No warp: every gradient sits at its own pixel. Pixels [p0, p0 + n) of sample b in one pass over the channels:
+// the suffix products P_i and c_i = m_i P_i need the alphas only, so grad_layers = c_i g and grad_background = P g
+// are written while the dot products g . background and g . f_i accumulate; grad alphas = P_i q_i (+ the
+// warped-alpha cotangent) then follow from the prefix recursion q_i = g . f_i - s_{i-1}, s_i = s_{i-1} + m_i q_i.
 template <int CC, typename scalar_t>
-void backward_rows_plain(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, const scalar_t* grad_warped,
-                         scalar_t* grad_layers, scalar_t* grad_alphas, scalar_t* grad_background, int64_t begin,
-                         int64_t end) {
+void backward_span_plain(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, const scalar_t* grad_warped,
+                         scalar_t* grad_layers, scalar_t* grad_alphas, scalar_t* grad_background, int64_t b,
+                         int64_t p0, int64_t n, std::vector<typename Acc<scalar_t>::type>& buffer) {
   using acc_t = typename Acc<scalar_t>::type;
-  const int64_t N = in.N, C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W;
-  std::vector<acc_t> buffer((N + 3) * W);
-  acc_t* s = buffer.data();  // s_{i-1} = g . x_{i-1}
-  acc_t* P = s + W;          // prod_{j > i} (1 - m_j)
-  acc_t* coef = P + W;       // c_i = m_i P_i
-  acc_t* q_rows = coef + W;  // q_i = g . f_i - s_{i-1}, (N, W)
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / H, h = row % H, offset = h * W;
-    const scalar_t* g = grad_image + b * C * HW + offset;  // channel c at g + c * HW
-    const scalar_t* background = in.background + b * C * HW + offset;
-    std::fill(s, s + W, acc_t(0));
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t w = 0; w < W; ++w) s[w] += acc_t(g[c * HW + w]) * acc_t(background[c * HW + w]);
-    for (int64_t i = 0; i < N; ++i) {  // forward sweep: q_i, then s_i
-      const scalar_t* f = in.layers + (b * N + i) * C * HW + offset;
-      const scalar_t* m = in.alphas + (b * N + i) * HW + offset;
-      acc_t* q = q_rows + i * W;
-      std::fill(q, q + W, acc_t(0));
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t w = 0; w < W; ++w) q[w] += acc_t(g[c * HW + w]) * acc_t(f[c * HW + w]);
-      for (int64_t w = 0; w < W; ++w) {
-        q[w] -= s[w];
-        s[w] += acc_t(m[w]) * q[w];
+  const int64_t N = in.N, C = CC > 0 ? CC : in.C, HW = in.H * in.W;
+  buffer.resize((3 * N + 2) * n);
+  acc_t* P = buffer.data();      // P_i = prod_{j > i} (1 - m_j), (N, n)
+  acc_t* coef = P + N * n;       // c_i = m_i P_i, (N, n)
+  acc_t* dot = coef + N * n;     // g . f_i, (N, n)
+  acc_t* P_all = dot + N * n;    // prod_j (1 - m_j): grad background / g
+  acc_t* dot_bg = P_all + n;     // g . background
+  const scalar_t* alphas = in.alphas + b * N * HW + p0;  // layer i at alphas + i * HW
+  std::fill(P_all, P_all + n, acc_t(1));
+  for (int64_t i = N - 1; i >= 0; --i) {
+    const scalar_t* m = alphas + i * HW;
+    for (int64_t k = 0; k < n; ++k) {
+      P[i * n + k] = P_all[k];
+      coef[i * n + k] = acc_t(m[k]) * P_all[k];
+      P_all[k] *= acc_t(1) - acc_t(m[k]);
+    }
+  }
+  std::fill(dot, dot + N * n, acc_t(0));
+  std::fill(dot_bg, dot_bg + n, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* g = grad_image + (b * C + c) * HW + p0;
+    const scalar_t* background = in.background + (b * C + c) * HW + p0;
+    scalar_t* grad_b = grad_background + (b * C + c) * HW + p0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t gk = g[k];
+      dot_bg[k] += gk * acc_t(background[k]);
+      grad_b[k] = scalar_t(P_all[k] * gk);
+    }
+    for (int64_t i = 0; i < N; ++i) {
+      const scalar_t* f = in.layers + ((b * N + i) * C + c) * HW + p0;
+      scalar_t* grad_f = grad_layers + ((b * N + i) * C + c) * HW + p0;
+      acc_t* d = dot + i * n;
+      const acc_t* ci = coef + i * n;
+      for (int64_t k = 0; k < n; ++k) {
+        const acc_t gk = g[k];
+        d[k] += gk * acc_t(f[k]);
+        grad_f[k] = scalar_t(ci[k] * gk);
       }
     }
-    std::fill(P, P + W, acc_t(1));
-    for (int64_t i = N - 1; i >= 0; --i) {  // backward sweep
-      const int64_t bi = b * N + i;
-      const scalar_t* m = in.alphas + bi * HW + offset;
-      const scalar_t* gw = grad_warped != nullptr ? grad_warped + bi * HW + offset : nullptr;
-      const acc_t* q = q_rows + i * W;
-      scalar_t* grad_m = grad_alphas + bi * HW + offset;
-      for (int64_t w = 0; w < W; ++w) {
-        const acc_t mw = m[w];
-        coef[w] = mw * P[w];
-        grad_m[w] = scalar_t(P[w] * q[w] + (gw != nullptr ? acc_t(gw[w]) : acc_t(0)));
-        P[w] *= acc_t(1) - mw;
-      }
-      scalar_t* grad_f = grad_layers + bi * C * HW + offset;
-      for (int64_t c = 0; c < C; ++c)
-        for (int64_t w = 0; w < W; ++w) grad_f[c * HW + w] = scalar_t(coef[w] * acc_t(g[c * HW + w]));
+  }
+  acc_t* s = dot_bg;  // s_{i-1} = g . x_{i-1}, updated in place
+  for (int64_t i = 0; i < N; ++i) {
+    const scalar_t* m = alphas + i * HW;
+    const scalar_t* gw = grad_warped != nullptr ? grad_warped + (b * N + i) * HW + p0 : nullptr;
+    scalar_t* grad_m = grad_alphas + (b * N + i) * HW + p0;
+    for (int64_t k = 0; k < n; ++k) {
+      const acc_t q = dot[i * n + k] - s[k];
+      grad_m[k] = scalar_t(P[i * n + k] * q + (gw != nullptr ? acc_t(gw[k]) : acc_t(0)));
+      s[k] += acc_t(m[k]) * q;
     }
-    scalar_t* grad_b = grad_background + b * C * HW + offset;
-    for (int64_t c = 0; c < C; ++c)
-      for (int64_t w = 0; w < W; ++w) grad_b[c * HW + w] = scalar_t(P[w] * acc_t(g[c * HW + w]));
   }
 }
 
@@ -390,7 +423,9 @@ template <typename acc_t> struct WarpBuffers {
   std::vector<acc_t> packed;  // the sample's layers interleaved, (N, HW, Cp)
   std::vector<acc_t> grads;   // their gradients, same layout
   std::vector<acc_t> small;   // g, prefix, theta sums, gix and giy of a row, xn
-  std::vector<Pack<acc_t>> g_packs;  // g in packets (for C > 3)
+  std::vector<Pack<acc_t>> g_packs;      // g in packets (for C > 3)
+  std::vector<Pack<acc_t>> alpha_lanes;  // 1 in the alpha lane, 0 elsewhere, per packet
+  std::vector<RowCells<acc_t>> cells;    // the current row's sample points, per layer
 };
 
 // A warp, sample b owned by the calling thread: per output pixel a forward sweep of scalar prefixes over the
@@ -404,15 +439,22 @@ void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* g
   const int64_t N = in.N, C = CC > 0 ? CC : in.C, H = in.H, W = in.W, HW = H * W, Cp = packed_channels(C);
   constexpr int64_t kPacketsFixed = CC > 0 ? (CC + 1 + 3) / 4 : 0;
   const int64_t packets = kPacketsFixed > 0 ? kPacketsFixed : Cp / 4;
-  buffers.packed.resize(N * HW * Cp);
+  if (int64_t(buffers.packed.size()) != N * HW * Cp) buffers.packed.assign(N * HW * Cp, acc_t(0));  // padding stays 0
   buffers.grads.assign(N * HW * Cp, acc_t(0));
   buffers.small.assign(C + 2 * N + 6 * N + 2 * N * W + W, acc_t(0));
   acc_t* packed = buffers.packed.data();
   acc_t* grads = buffers.grads.data();
   acc_t* g = buffers.small.data();  // the pixel's cotangent, C values
+  // Packets are built whole from scalars (never lane by lane: a narrow store read back wide stalls the CPU).
   buffers.g_packs.resize(packets);
-  Pack<acc_t> g_fixed[kPacketsFixed > 0 ? kPacketsFixed : 1];  // in registers when C is fixed
+  buffers.alpha_lanes.resize(packets);
+  Pack<acc_t> g_fixed[kPacketsFixed > 0 ? kPacketsFixed : 1], alpha_fixed[kPacketsFixed > 0 ? kPacketsFixed : 1];
   Pack<acc_t>* g_packs = kPacketsFixed > 0 ? g_fixed : buffers.g_packs.data();  // g in Cp lanes, zero from lane C
+  Pack<acc_t>* alpha_lane = kPacketsFixed > 0 ? alpha_fixed : buffers.alpha_lanes.data();
+  for (int64_t k = 0; k < packets; ++k) {
+    auto one_at = [&](int64_t c) { return c == C ? acc_t(1) : acc_t(0); };
+    alpha_lane[k] = Pack<acc_t>::make(one_at(4 * k), one_at(4 * k + 1), one_at(4 * k + 2), one_at(4 * k + 3));
+  }
   acc_t* prefix = g + C;            // (m_i, q_i) of layers 0..N-2 at the pixel
   acc_t* sums = prefix + 2 * N;     // grad theta sums of add_theta_terms, (N, 6)
   acc_t* gi_row = sums + 6 * N;     // gix, giy of the current row, (N, 2, W)
@@ -422,9 +464,7 @@ void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* g
   const scalar_t* alphas = in.alphas + b * N * HW;
   const WarpMap<acc_t>* maps = in.warp + b * N;
   for (int64_t i = 0; i < N; ++i) {
-    acc_t* dst = packed + i * HW * Cp;
-    std::fill(dst, dst + HW * Cp, acc_t(0));
-    interleave<CC>(layers + i * C * HW, alphas + i * HW, C, HW, dst);
+    interleave<CC>(layers + i * C * HW, alphas + i * HW, C, HW, packed + i * HW * Cp);
   }
   // A layer at an output pixel, any cell kind (the packed buffer for interior cells, the planar tensors else).
   auto at_pixel = [&](int64_t i, const Cell<acc_t>& cell, int64_t h, int64_t w, Bilinear<acc_t>* corners) {
@@ -433,21 +473,26 @@ void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* g
     if (cell.kind == Cell<acc_t>::kOutside) return LayerAt<acc_t>{0, 0, 0, 0, 0, 0};
     return layer_at_partial(maps[i].to_input, layers + i * C * HW, alphas + i * HW, g, C, h, w, H, W, corners);
   };
+  buffers.cells.resize(N);
+  RowCells<acc_t>* cells = buffers.cells.data();
   for (int64_t h = 0; h < H; ++h) {
+    for (int64_t i = 0; i < N; ++i) cells[i] = RowCells<acc_t>(maps[i].to_input, h, H, W);
     for (int64_t w = 0; w < W; ++w) {
       const int64_t p = h * W + w;
       const scalar_t* g_in = grad_image + b * C * HW + p;
       const scalar_t* background = in.background + b * C * HW + p;
       acc_t s = 0;  // s_{i-1} = g . x_{i-1}
-      for (int64_t k = 0; k < packets; ++k) g_packs[k] = Pack<acc_t>{};
       for (int64_t c = 0; c < C; ++c) {
         g[c] = g_in[c * HW];
-        g_packs[c / 4].set_lane(int(c % 4), g[c]);
         s += g[c] * acc_t(background[c * HW]);
+      }
+      for (int64_t k = 0; k < packets; ++k) {
+        auto g_at = [&](int64_t c) { return c < C ? g[c] : acc_t(0); };
+        g_packs[k] = Pack<acc_t>::make(g_at(4 * k), g_at(4 * k + 1), g_at(4 * k + 2), g_at(4 * k + 3));
       }
       for (int64_t i = 0; i + 1 < N; ++i) {  // forward sweep below the top layer
         Bilinear<acc_t> corners;
-        const LayerAt<acc_t> at = at_pixel(i, cell_of(maps[i].to_input, w, h, H, W), h, w, &corners);
+        const LayerAt<acc_t> at = at_pixel(i, cells[i](w), h, w, &corners);
         const acc_t q = at.dot - s;
         prefix[2 * i] = at.m;
         prefix[2 * i + 1] = q;
@@ -455,7 +500,7 @@ void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* g
       }
       acc_t P = 1;  // P_i = prod_{j > i} (1 - m_j)
       for (int64_t i = N - 1; i >= 0; --i) {  // backward sweep
-        const Cell<acc_t> cell = cell_of(maps[i].to_input, w, h, H, W);
+        const Cell<acc_t> cell = cells[i](w);
         Bilinear<acc_t> corners;
         const LayerAt<acc_t> at = at_pixel(i, cell, h, w, &corners);
         const acc_t m = i == N - 1 ? at.m : prefix[2 * i];
@@ -473,8 +518,7 @@ void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* g
           acc_t* corner[4] = {grad + cell.o * Cp, grad + (cell.o + 1) * Cp, grad + (cell.o + W) * Cp,
                               grad + (cell.o + W + 1) * Cp};
           for (int64_t k = 0; k < packets; ++k) {
-            Pack<acc_t> t = g_packs[k] * c_i;  // c_i g in the colour lanes
-            if (C / 4 == k) t.set_lane(int(C % 4), e_i);                     // e_i in the alpha lane
+            const Pack<acc_t> t = g_packs[k] * c_i + alpha_lane[k] * e_i;  // c_i g, and e_i in the alpha lane
             for (int j = 0; j < 4; ++j) (Pack<acc_t>::load(corner[j] + 4 * k) + t * weight[j]).store(corner[j] + 4 * k);
           }
         } else {
@@ -487,7 +531,8 @@ void backward_sample_warp(const CompositeInputs<scalar_t>& in, const scalar_t* g
           }
         }
       }
-      for (int64_t c = 0; c < C; ++c) grad_background[b * C * HW + c * HW + p] = scalar_t(P * g[c]);
+      scalar_t* grad_b = grad_background + b * C * HW + p;
+      for (int64_t c = 0; c < C; ++c) grad_b[c * HW] = scalar_t(P * g[c]);
     }
     const acc_t yn = acc_t(2 * h + 1) / acc_t(H) - 1;
     for (int64_t i = 0; i < N; ++i) {  // the row's grad theta terms, in pixel order
@@ -537,8 +582,15 @@ void backward(const CompositeInputs<scalar_t>& in, const scalar_t* grad_image, c
   using acc_t = typename Acc<scalar_t>::type;
   const int64_t B = in.B, N = in.N, C = in.C, H = in.H, W = in.W, HW = H * W;
   if (in.warp == nullptr) {  // no warp: every gradient is written at its own pixel in one pass
-    at::parallel_for(0, B * H, row_grain(N, C, W), [&](int64_t begin, int64_t end) {
-      backward_rows_plain<CC>(in, grad_image, grad_warped, grad_layers, grad_alphas, grad_background, begin, end);
+    const int64_t spans = (HW + kSpan - 1) / kSpan;
+    const int64_t grain = std::max<int64_t>(1, 32768 / (std::min(HW, kSpan) * N * (C + 1)));
+    at::parallel_for(0, B * spans, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer;
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t b = t / spans, p0 = t % spans * kSpan;
+        backward_span_plain<CC>(in, grad_image, grad_warped, grad_layers, grad_alphas, grad_background, b, p0,
+                                std::min(kSpan, HW - p0), buffer);
+      }
     });
     return;
   }

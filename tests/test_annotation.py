@@ -16,12 +16,7 @@ from minseg.methods.ilsgan import ILSGANConfig, LayeredGenerator
 TINY = ["--set", "gen_width=4", "--set", "disc_width=4", "--set", "z_dim=8"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

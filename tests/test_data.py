@@ -24,13 +24,7 @@ HORSES = DATA / "weizmann-horses"
 needs_cub_metadata = pytest.mark.skipif(not METADATA.is_dir(), reason=f"{METADATA} not present")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on 2 shared cores: one intra-op thread is much faster than contended two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

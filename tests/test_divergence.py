@@ -13,12 +13,7 @@ from test_ganseg import tiny_config
 from test_independence import tiny_carver, tiny_cluster_gan
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_ilsgan():

@@ -34,13 +34,7 @@ SPECIAL = [0.0, 1.0, -1.0, 0.5, 1e-30, 1e30, -1e30, math.nan, math.inf, -math.in
 NOT_TENSORS = [None, 3, 2.5, [1.0, 2.0], "tensor", np.zeros((2, 2), dtype=np.float32)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    composite(torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 1, 2, 2), torch.zeros(1, 1, 2, 2))  # build / load once
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite

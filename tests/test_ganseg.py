@@ -12,13 +12,7 @@ from minseg.ops import part_heatmaps, pixel_grid
 from minseg.visual import PART_COLOURS
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The nets here are tiny: one thread is faster than two fighting over small convolutions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(size=128, resolutions=(32, 64, 128), **overrides):

@@ -17,13 +17,7 @@ from minseg.methods.independence import (HOC_PRESETS, PRESETS, ClusterConfig, Cl
                                          run, run_hoc)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The nets here are tiny: one thread is faster than two fighting over small convolutions."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def box_pixels(box, side, margin):

@@ -27,12 +27,7 @@ TINY = ["--limit", "32", "--size", "32", "--batch-size", "8", "--final-steps", "
         "--quiet", "--threads", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Tiny:

@@ -20,13 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 HORSES = Path(__file__).resolve().parents[2] / "shared" / "data" / "weizmann-horses"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny convolutions gain nothing from threads, and on a shared 2-core machine two threads can run 20x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("kind, kwargs, size", [("unet", dict(width=8), 64), ("unet", dict(width=8, depth=3), 32),

@@ -56,7 +56,8 @@ PRESETS = {  # appendix Table 1 (128 px) plus minseg's own data sets
     "dogs": dict(size=128, num_codes=120, group_size=10, g_mi=2.0, g_bg=1.0),
     "cars": dict(size=128, num_codes=196, group_size=14, rotation_deg=(0.0, 0.0), bg_contrast=(0.7, 1.3), g_mi=1.0, g_bg=2.0),
     "apc": dict(size=128, num_codes=200, group_size=10, g_mi=2.0, g_bg=0.0),
-    "shapes": dict(size=64, num_codes=20, group_size=2, gen_width=8, disc_width=16),  # slim: 15 min on 2 CPU cores
+    # shapes: 32 px and slim nets so that the quick schedule fits ~15 minutes on 2 CPU cores
+    "shapes": dict(size=32, num_codes=20, group_size=2, gen_width=8, disc_width=16),
     "horses": dict(size=64, num_codes=10, group_size=5),
 }
 
@@ -279,7 +280,7 @@ SCHEDULES = {
     "paper-alternate": dict(rounds=5, gan_images=2_000_000, judge_steps=2_000, final_steps=12_000,
                             tick_images=20_000, snapshot_images=100_000),
 }
-QUICK = {"shapes": dict(gan_images=32_000, final_steps=800, seg_width=16),
+QUICK = {"shapes": dict(gan_images=200_000, final_steps=800, seg_width=16),
          "horses": dict(gan_images=40_000, final_steps=1500),
          "cub": dict(gan_images=40_000, final_steps=1500)}
 

@@ -73,7 +73,7 @@ def _jit_build(use_cuda):
         sources += sorted(glob.glob(str(src / "*.cu")))
     # -fopenmp: at::parallel_for runs its OpenMP loop inline, so without it the CPU kernels run on one thread.
     # The extension then needs libgomp.so.1, which resolves to the copy torch itself loaded (same soname).
-    flags = ["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if use_cuda else []) + os.environ.get("MINSEG_XFLAGS", "").split()
+    flags = ["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if use_cuda else [])
     os.environ.setdefault("MAX_JOBS", "2")  # parallel nvcc jobs can run out of memory
     print(f"minseg: building the {'CUDA' if use_cuda else 'C++'} ops extension (first use only, ~30 s)...", flush=True)
     load(name=LIBRARY_NAME, sources=sources, extra_cflags=flags, extra_cuda_cflags=["-O3", "--use_fast_math"] if use_cuda else None,
