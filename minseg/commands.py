@@ -81,8 +81,8 @@ def add_method_runs(subparsers):
 def method_settings(args):
     """(config, schedule) of args.method on args.data: preset, then --schedule, --gan-images, --set."""
     module = method_module(args.method)
-    preset_key = args.data if args.data in module.PRESETS else "horses" if args.data == "folder" else args.data
-    preset = dict(module.PRESETS.get(preset_key, {}))
+    data_key = "horses" if args.data == "folder" else args.data  # an image folder takes the horses settings
+    preset = dict(module.PRESETS.get(data_key, {}))
     config_cls = {"ilsgan": "ILSGANConfig", "ganseg": "GANSegConfig", "independence": "IndependenceConfig"}
     config_cls = getattr(module, config_cls[args.method])
     config_fields = {f.name for f in dataclasses.fields(config_cls)}
@@ -96,7 +96,6 @@ def method_settings(args):
                                                                                     config_cls.resolutions)))
         preset["size"] = args.size
     cfg = config_cls(**{**preset, **config_over})
-    data_key = "horses" if args.data == "folder" else args.data
     steps_key = "distill_steps" if args.method == "independence" else "final_steps"
     schedule = module.make_schedule(args.schedule, data_key, gan_images=args.gan_images, batch_size=args.batch_size,
                                     **{steps_key: args.final_steps}, **schedule_over)
