@@ -187,7 +187,7 @@ def add_hoc(subparsers):
 def run_hoc_command(args):
     from minseg.data.base import _open_rgb
     from minseg.data.cluster import make_cluster_image
-    from minseg.methods.independence import HOC_PRESETS, ClusterConfig, HOCSchedule, run_hoc
+    from minseg.methods.hoc import HOC_PRESETS, ClusterConfig, HOCSchedule, run_hoc
     cfg_over, schedule_over = parse_overrides(args.set, {f.name for f in dataclasses.fields(ClusterConfig)},
                                               {f.name for f in dataclasses.fields(HOCSchedule)})
     cfg_over, schedule_over = check_settings(ClusterConfig, cfg_over), check_settings(HOCSchedule, schedule_over)

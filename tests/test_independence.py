@@ -10,11 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minseg.data.base import SegmentationSet
-from minseg.methods.independence import (HOC_PRESETS, PRESETS, ClusterConfig, ClusterGAN, ForegroundCarver,
-                                         HOCSchedule, IndependenceConfig, PatchPool, Schedule, area_penalty,
-                                         background_pool, connected_components, count_components, cut_patches,
-                                         instance_sizes, load_background_set, make_schedule, outside_box_windows,
-                                         run, run_hoc)
+from minseg.methods.hoc import (HOC_PRESETS, ClusterConfig, ClusterGAN, HOCSchedule, connected_components,
+                                count_components, cut_patches, instance_sizes, run_hoc)
+from minseg.methods.independence import (PRESETS, ForegroundCarver, IndependenceConfig, PatchPool, Schedule,
+                                         area_penalty, background_pool, load_background_set, make_schedule,
+                                         outside_box_windows, run)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
