@@ -159,7 +159,6 @@ def wait_for(path, proc, timeout=120):
         time.sleep(0.05)
 
 
-@pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_resume(tmp_path, capsys):
     """A real run (subprocess) is SIGKILLed at a random moment after its first checkpoint, then `--resume` finishes
     it: the checkpoint is never torn, the step counter and config agree with an uninterrupted run, results exist."""
