@@ -12,6 +12,7 @@ Without WORLD_SIZE > 1 in the environment nothing here does anything: world_size
 """
 
 import atexit
+import datetime
 import os
 import sys
 
@@ -37,12 +38,14 @@ def barrier():
         dist.barrier()
 
 
-def init(device="cpu"):
+def init(device="cpu", timeout_s=None):
     """Join the process group torchrun describes (env WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT).
 
     Returns the device this rank trains on: `device` as given in a single process; under torchrun cuda:LOCAL_RANK
     (backend nccl) for a CUDA device, else the CPU (backend gloo). Ranks other than 0 print nothing. The C++ ops
     extension is built once: rank 0 builds it while the others wait, then they load the cached build.
+    timeout_s (or env MINSEG_DIST_TIMEOUT): seconds a collective may wait for the other ranks before it raises
+    (torch's default, 30 min, when neither is set); the tests set it so that a deadlock fails instead of hanging.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return device
@@ -55,7 +58,9 @@ def init(device="cpu"):
         torch.cuda.set_device(local_rank)
         device = f"cuda:{local_rank}"
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        timeout_s = timeout_s or float(os.environ.get("MINSEG_DIST_TIMEOUT", 0)) or None
+        timeout = datetime.timedelta(seconds=timeout_s) if timeout_s else None
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timeout)
         atexit.register(shutdown)
     if not is_main():
         sys.stdout = open(os.devnull, "w")  # rank-0 logging; errors still reach stderr
@@ -102,6 +107,17 @@ def average_gradients(params, poison=False):
             p.grad.copy_(flat[offset:offset + n].view_as(p))
         offset += n
     return bool(torch.isfinite(flat).all())
+
+
+def rank0_says(flag):
+    """Rank 0's value of a bool, on every rank. For decisions that pick which collectives run next (does the
+    checkpoint exist yet?): each rank asking the file system itself races with rank 0's write and deadlocks."""
+    if world_size() == 1:
+        return bool(flag)
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    dist.broadcast(t, 0)
+    return bool(t.item())
 
 
 def mean_over_ranks(values):

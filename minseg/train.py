@@ -31,7 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from minseg.distributed import average_gradients, barrier, broadcast_modules, is_main, mean_over_ranks, rank, world_size
+from minseg.distributed import (average_gradients, barrier, broadcast_modules, is_main, mean_over_ranks, rank,
+                                rank0_says, world_size)
 
 # Schedule fields that only say how long to train (or log): they may change on --resume, e.g. to extend a run.
 LENGTH_FIELDS = ("rounds", "eval_layers")
@@ -155,7 +156,7 @@ class Checkpoint:
         self.config, self.schedule = _as_dict(config), _as_dict(schedule)
 
     def exists(self):
-        return self.path.is_file()
+        return rank0_says(self.path.is_file())  # collective under torchrun: every rank must get the same answer
 
     def __call__(self):
         if is_main():

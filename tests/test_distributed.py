@@ -1,8 +1,9 @@
 """Multi-process training (minseg/distributed.py) on the CPU with gloo: 2 processes spawned here agree with one.
 
-One spawn runs three checks in each rank: gradient averaging gives exactly the single-process step on the union
-of the ranks' batches; a non-finite loss on one rank skips the step on every rank (no hang); a few real ILSGAN
-steps through training_loop keep the parameters identical across ranks and count the global batch."""
+One spawn runs four checks in each rank: gradient averaging gives exactly the single-process step on the union
+of the ranks' batches; a non-finite loss on one rank skips the step on every rank (no hang); every rank gets rank
+0's answer to "does the checkpoint exist?"; a few real ILSGAN steps through training_loop keep the parameters
+identical across ranks and count the global batch."""
 import json
 import os
 import socket
@@ -32,8 +33,8 @@ def worker(rank, port, out):
     from minseg import distributed
     from minseg.data import load_dataset
     from minseg.methods import ilsgan
-    from minseg.train import guarded_step, seed_everything, start_run, training_loop
-    assert distributed.init("cpu") == "cpu" and distributed.world_size() == WORLD
+    from minseg.train import Checkpoint, guarded_step, seed_everything, start_run, training_loop
+    assert distributed.init("cpu", timeout_s=120) == "cpu" and distributed.world_size() == WORLD
     result = {"rank": rank}
 
     # 1. averaged gradients == one process on the union batch (mean loss, same-size batches per rank)
@@ -56,7 +57,15 @@ def worker(rank, port, out):
     result["poisoned_step_taken"] = guarded_step(opt, loss)
     result["poisoned_params_unchanged"] = all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
 
-    # 3. real ILSGAN steps: rank 0's weights broadcast, own seeds per rank, identical parameters after 3 steps
+    # 3. whether a checkpoint exists decides which collectives run next, so every rank must get rank 0's answer
+    #    (asking the file system per rank raced with rank 0's write and deadlocked a torchrun run): each rank
+    #    looks at its own path, and only rank 1's file exists
+    if rank == 1:
+        Path(out, "own1.pt").write_bytes(b"")
+    result["exists_agrees_with_rank0"] = Checkpoint(Path(out) / f"own{rank}.pt", net, {}, {}, {}).exists() is False
+    distributed.barrier()
+
+    # 4. real ILSGAN steps: rank 0's weights broadcast, own seeds per rank, identical parameters after 3 steps
     torch.manual_seed(100 + rank)  # different initial weights: start_run must broadcast rank 0's
     cfg = ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8, num_codes=4)
     method, state = ilsgan.ILSGAN(cfg), {"images_seen": 0, "seed": 0}
@@ -78,7 +87,6 @@ def worker(rank, port, out):
     distributed.shutdown()
 
 
-@pytest.mark.slow  # two fresh interpreters importing torch: ~7 s on two idle cores, 20 s on busy ones
 def test_two_gloo_processes_match_one(tmp_path):
     mp.spawn(worker, (free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
@@ -86,6 +94,7 @@ def test_two_gloo_processes_match_one(tmp_path):
         assert r["union_step_error"] < 1e-6, r
         assert r["poisoned_step_taken"] is False and r["poisoned_params_unchanged"], r
         assert r["ranks_draw_different_batches"], r
+        assert r["exists_agrees_with_rank0"], r
         assert r["param_spread"] == 0.0, r  # the same weights on every rank after real steps
         assert r["images_seen"] == 3 * 4 * WORLD and r["steps"] == 3 and r["skipped"] == 0, r
     saved = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # rank 0 wrote it, once
@@ -94,7 +103,6 @@ def test_two_gloo_processes_match_one(tmp_path):
     assert [s["images"] for s in stats] == [8, 16, 24]  # one record per tick, from rank 0 alone
 
 
-@pytest.mark.slow
 def test_torchrun_cli(tmp_path):
     """`torchrun --nproc_per_node 2 run.py shapes ...` end to end: rank 0 writes the results, the counter is global."""
     out = tmp_path / "run"
@@ -104,7 +112,7 @@ def test_torchrun_cli(tmp_path):
                "--set", "z_dim=8", "--set", "tick_images=16", "--set", "snapshot_images=32", "--quiet",
                "--threads", "1", "--out", str(out)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+                            env=dict(os.environ, OMP_NUM_THREADS="1", MINSEG_DIST_TIMEOUT="120"))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("results: ") == 1  # rank 0 prints, rank 1 is silent
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
