@@ -5,6 +5,7 @@
     annotate    GAN annotation: export samples to paint, fit the decoder, label a synthetic set
     eval        score a saved segmenter on a data set split and print a table naming the protocol
     supervised  train and score the supervised baseline (the upper bound of every method)
+    summarize   one table of many runs (seeds, ablations): how each ended and its scores
 
 Each command is a pair of functions: `add_<command>(subparsers)` declares its arguments and sets `run`, and
 `run_<command>(args) -> int` does the work. To add a command, write such a pair and list `add_<command>` in
@@ -143,9 +144,54 @@ def run_supervised(args):
     return 0
 
 
+# -------------------------------------------------------------------------------------------- summarize
+
+def add_summarize(subparsers):
+    p = subparsers.add_parser("summarize", help="one table of many runs: how each ended (finished, collapsed, "
+                                                "stopped) and its scores")
+    p.add_argument("folders", nargs="+", help="run folders, or folders holding run folders (e.g. runs/mi-ablation)")
+    p.set_defaults(run=run_summarize, parser=p)
+
+
+def run_summary(folder):
+    """One row for a run folder: its end (from results.json, or the last stats.jsonl record) and its scores."""
+    from pathlib import Path
+    folder = Path(folder)
+    records = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines() if line.strip()]
+    ticks = [r for r in records if "event" not in r and "mask_mean" in r]
+    collapse = [r for r in records if r.get("event") == "collapse"]
+    row = {"run": folder.name}
+    if (folder / "results.json").is_file():
+        results = json.loads((folder / "results.json").read_text())
+        row["end"] = "finished"
+        row.update({k: results[k] for k in SCORES if k in results})
+    elif collapse:
+        row["end"] = f"collapsed at {collapse[-1]['images']:,} images ({collapse[-1]['message']})"
+    else:
+        row["end"] = f"stopped at {records[-1]['images']:,} images" if records else "no records"
+    if ticks:
+        row["last_mask_mean"] = ticks[-1]["mask_mean"]
+    return row
+
+
+def run_summarize(args):
+    from pathlib import Path
+    runs = []
+    for given in map(Path, args.folders):
+        if not given.is_dir():
+            args.parser.error(f"argument folders: {given} is not a folder")
+        runs += [given] if (given / "stats.jsonl").is_file() else sorted(p.parent for p in given.glob("*/stats.jsonl"))
+    if not runs:
+        args.parser.error(f"argument folders: no run folder (one holding stats.jsonl) in {' '.join(args.folders)}")
+    rows = [run_summary(folder) for folder in runs]
+    protocols = {json.loads((f / "results.json").read_text())["protocol"] for f in runs if (f / "results.json").is_file()}
+    print(format_table(rows, "; ".join(sorted(protocols)) or "no finished run"))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------- main
 
-COMMANDS = (add_method_runs, add_hoc, add_annotate, add_eval, add_baselines, add_supervised)
+COMMANDS = (add_method_runs, add_hoc, add_annotate, add_eval, add_baselines, add_supervised, add_summarize)
 
 
 def build_parser():
@@ -166,7 +212,7 @@ def main(argv=None):
             parser.print_help()
             return 2
         args.argv = argv
-        if args.threads:
+        if getattr(args, "threads", None):
             torch.set_num_threads(args.threads)
         return args.run(args)
     except SystemExit as exit:  # argparse errors (2) and --help (0)

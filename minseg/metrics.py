@@ -189,6 +189,32 @@ def keypoint_regression_error(train_centres, train_keypoints, test_centres, test
     return keypoint_error(apply_keypoint_regressor(W, test_centres), test_keypoints, image_size)
 
 
+def foreground_boxes(foreground):
+    """Tight boxes (N, 4) as x0, y0, x1, y1 pixel edges around the True pixels of (N, H, W); the whole image when none."""
+    fg = _as_numpy(foreground).astype(bool)
+    N, H, W = fg.shape
+    boxes = np.tile(np.array([0.0, 0.0, W, H]), (N, 1))
+    for i in range(N):
+        ys, xs = np.nonzero(fg[i])
+        if len(xs):
+            boxes[i] = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    return boxes
+
+
+def box_layout_error(train_boxes, train_keypoints, test_boxes, test_keypoints, image_size):
+    """The baseline for part keypoints: the mean layout of the train keypoints in box coordinates ((kp - corner) /
+    box extent, each keypoint over the images where it is visible), placed into each test box. Returns the
+    normalised error of `keypoint_error`. A part-based predictor should beat it: it knows only where the object is."""
+    train_boxes, test_boxes = _as_numpy(train_boxes).astype(np.float64), _as_numpy(test_boxes).astype(np.float64)
+    train_keypoints = _as_numpy(train_keypoints).astype(np.float64)
+    corner, extent = train_boxes[:, None, :2], np.maximum(train_boxes[:, None, 2:] - train_boxes[:, None, :2], 1.0)
+    relative = (train_keypoints[..., :2] - corner) / extent  # (N, P, 2)
+    seen = train_keypoints[..., 2:] > 0                     # (N, P, 1)
+    layout = (relative * seen).sum(0) / np.maximum(seen.sum(0), 1)  # (P, 2); 0 where never seen
+    pred = test_boxes[:, None, :2] + layout[None] * (test_boxes[:, None, 2:] - test_boxes[:, None, :2])
+    return keypoint_error(pred, test_keypoints, image_size)
+
+
 # ---------------------------------------------------------------------------------------------------- tables
 
 def _cell(value, column, percent):

@@ -365,6 +365,7 @@ def training_loop(method, batches, state, total_images, out_dir, save_state, tic
                 tqdm.write(f"warning: {message} ({collapsed_ticks}/{collapse_ticks} ticks)")
             if collapsed_ticks >= collapse_ticks:
                 bar.close()
+                log({"phase": desc, "event": "collapse", "images": state["images_seen"], "message": message})
                 raise CollapseError(message)
             tick_sums, tick_counts, tick_count, tick_start = {}, {}, 0, time.time()
             next_tick += tick_images

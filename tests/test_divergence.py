@@ -126,3 +126,42 @@ def test_lasting_nans_in_a_real_method_end_in_a_divergence_error(tmp_path):
     assert method.skipped_steps >= 3
     for p, q in zip(method.D.parameters(), start):
         assert torch.equal(p, q)
+
+
+class Collapsing(Flaky):
+    """Reports a mask mean that falls to 0 after step 4: a collapse the loop must recognise."""
+
+    def __init__(self):
+        super().__init__(bad=0)
+
+    def train_step(self, real):
+        stats = super().train_step(real)
+        return {**stats, "mask_mean": 0.5 if self.calls <= 4 else 0.0}
+
+    def collapse_message(self, tick):
+        return "mask collapsed to all background" if tick["mask_mean"] < 0.02 else None
+
+
+def test_collapse_is_recorded_raised_and_summarized(tmp_path, capsys):
+    from minseg.cli import main
+    from minseg.train import CollapseError
+    run = tmp_path / "runs" / "seed1"
+    method, state = Collapsing(), {"images_seen": 0}
+    save = start_run(run, method, state, {}, {})
+    with pytest.raises(CollapseError, match="all background"):  # ticks of 2 steps: 3 ticks in a row at 0 after step 4
+        training_loop(method, batches(), state, 400, run, save, tick_images=8, snapshot_images=8, progress=False,
+                      collapse_ticks=3)
+    assert state["images_seen"] == 40 and "(3/3 ticks)" in capsys.readouterr().out
+    events = [r for r in map(json.loads, (run / "stats.jsonl").read_text().splitlines()) if "event" in r]
+    assert events == [{"phase": "gan", "event": "collapse", "images": 40, "message": "mask collapsed to all background"}]
+
+    finished = tmp_path / "runs" / "seed2"
+    finished.mkdir()
+    (finished / "stats.jsonl").write_text(json.dumps({"phase": "gan", "images": 8, "mask_mean": 0.3}) + "\n")
+    (finished / "results.json").write_text(json.dumps({"method": "x", "protocol": "toy test", "iou": 0.5, "acc": 0.75}))
+    assert main(["summarize", str(tmp_path / "runs")]) == 0
+    table = capsys.readouterr().out
+    assert "Protocol: toy test" in table
+    assert "| seed1 | collapsed at 40 images (mask collapsed to all background) | 0.0 |" in table
+    assert "| seed2 | finished | 30.0 | 75.0 | 50.0 |" in table  # first-seen column order; fractions in %
+    assert main(["summarize", str(tmp_path / "nothing")]) == 2

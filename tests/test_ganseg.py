@@ -188,6 +188,7 @@ def test_run_end_to_end_on_tiny_shapes(tmp_path):
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["method"] == "ganseg" and 0 <= results["iou"] <= 1
     assert results["kp_error"] == pytest.approx(metrics["kp_error"]) and results["kp_error"] > 0
+    assert results["kp_box_baseline"] == pytest.approx(metrics["kp_box_baseline"]) and results["kp_box_baseline"] > 0
     assert (tmp_path / "test-parts.png").exists() and (tmp_path / "checkpoint.pt").exists()
     assert list((tmp_path / "samples").glob("gan-*.png"))
 

@@ -7,9 +7,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
-from minseg.metrics import (SegmentationMeter, apply_keypoint_regressor, ari, confusion_matrix, contingency_table,
-                            fit_keypoint_regressor, format_table, keypoint_error, keypoint_regression_error, nmi,
-                            per_image_scores, segmentation_scores)
+from minseg.metrics import (SegmentationMeter, apply_keypoint_regressor, ari, box_layout_error, confusion_matrix,
+                            contingency_table, fit_keypoint_regressor, foreground_boxes, format_table, keypoint_error,
+                            keypoint_regression_error, nmi, per_image_scores, segmentation_scores)
 
 # Two 2x3 images. Image 0: GT fg at (0,0),(0,1); prediction fg at (0,0),(1,0) -> tp 1, fp 1, fn 1, tn 3.
 # Image 1: GT and prediction both empty -> tn 6, IoU 1.0 by convention.
@@ -158,6 +158,28 @@ def test_keypoint_regression_recovers_a_linear_map_without_bias():
     assert fit_keypoint_regressor(c, np.array([[[2.0, 0, 1]], [[4.0, 0, 1]], [[8.0, 0, 1]]]))[0, 0] == pytest.approx(2)
     shifted = np.array([[[7.0, 0, 1]], [[9.0, 0, 1]], [[13.0, 0, 1]]])
     assert keypoint_regression_error(c, shifted, c, shifted, 1) > 0.5
+
+
+def test_foreground_boxes_are_tight_pixel_edges():
+    fg = np.zeros((2, 5, 6), bool)
+    fg[0, 1:3, 2:5] = True  # rows 1-2, columns 2-4
+    assert foreground_boxes(fg).tolist() == [[2, 1, 5, 3], [0, 0, 6, 5]]  # an empty mask: the whole image
+
+
+def test_box_layout_baseline():
+    # every object carries the same two keypoints at (1/4, 1/2) and (3/4, 1/2) of its box: the layout is exact
+    rng = np.random.default_rng(0)
+    corner = rng.uniform(0, 20, (30, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(5, 30, (30, 2))], 1)
+    layout = np.array([[0.25, 0.5], [0.75, 0.5]])
+    kp = boxes[:, None, :2] + layout * (boxes[:, None, 2:] - boxes[:, None, :2])
+    kp = np.concatenate([kp, np.ones((30, 2, 1))], -1)
+    garbage = kp.copy()
+    garbage[:10, 1] = [999, 999, 0]  # invisible keypoints must not enter the mean layout
+    assert box_layout_error(boxes[:20], garbage[:20], boxes[20:], kp[20:], 64) < 1e-12
+    # boxes shifted by 4 px along x: every prediction is 4 px off
+    moved = boxes[20:] + [4, 0, 4, 0]
+    assert box_layout_error(boxes[:20], kp[:20], moved, kp[20:], 64) == pytest.approx(4 / 64)
 
 
 def test_keypoint_shape_errors():

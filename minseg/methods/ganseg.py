@@ -393,31 +393,43 @@ class GANSeg:
 
 # -- scores on real images: parts from the final segmenter ------------------------------------------------------
 @torch.no_grad()
-def predicted_part_centres(segmenter, images, batch_size=64):
-    """Soft centre of mass (N, K, 2) in pixels (x, y) of classes 1..K of the segmenter's softmax on uint8 images."""
+@torch.no_grad()
+def predicted_parts(segmenter, images, batch_size=64):
+    """Part centres (N, K, 2): soft centre of mass in pixels (x, y) of classes 1..K of the segmenter's softmax on
+    uint8 images; and the foreground (N, H, W): argmax not background."""
     device = next(segmenter.parameters()).device
     segmenter.eval()
-    out = []
+    centres, foreground = [], []
     for i in range(0, len(images), batch_size):
         x = images[i:i + batch_size].to(device).float() / 127.5 - 1
-        probs = segmenter(x).softmax(1)[:, 1:]  # (b, K, H, W)
+        probs = segmenter(x).softmax(1)  # (b, K + 1, H, W)
+        foreground.append((probs.argmax(1) != 0).cpu())
+        probs = probs[:, 1:]
         H, W = probs.shape[-2:]
         mass = probs.sum((2, 3)).clamp_min(1e-6)  # (b, K)
         xs = (probs.sum(2) * (torch.arange(W, device=device) + 0.5)).sum(-1) / mass  # pixel i covers [i, i + 1)
         ys = (probs.sum(3) * (torch.arange(H, device=device) + 0.5)).sum(-1) / mass
-        out.append(torch.stack([xs, ys], -1).cpu())
-    return torch.cat(out)
+        centres.append(torch.stack([xs, ys], -1).cpu())
+    return torch.cat(centres), torch.cat(foreground)
 
 
-def keypoint_score(segmenter, train_set, test_set, fit_images=1000):
-    """Part-centre -> keypoint regression error (fraction of the image edge) or None without keypoints (sec. 4.4)."""
-    from minseg.metrics import keypoint_regression_error
+def keypoint_scores(segmenter, train_set, test_set, fit_images=1000):
+    """{kp_error, kp_box_baseline} (fractions of the image edge; sec. 4.4), or {} without keypoints.
+
+    kp_error: a linear regressor from the K part centres to the keypoints, fit on `fit_images` train images.
+    kp_box_baseline: the mean train keypoint layout placed in the predicted foreground's box (no part information).
+    """
+    from minseg.metrics import box_layout_error, foreground_boxes, keypoint_regression_error
     if train_set.keypoints is None or test_set.keypoints is None:
-        return None
+        return {}
     n = min(fit_images, len(train_set))
-    return keypoint_regression_error(predicted_part_centres(segmenter, train_set.images[:n]), train_set.keypoints[:n],
-                                     predicted_part_centres(segmenter, test_set.images), test_set.keypoints,
-                                     test_set.size)
+    train_centres, train_fg = predicted_parts(segmenter, train_set.images[:n])
+    test_centres, test_fg = predicted_parts(segmenter, test_set.images)
+    size = test_set.size
+    return {"kp_error": keypoint_regression_error(train_centres, train_set.keypoints[:n], test_centres,
+                                                  test_set.keypoints, size),
+            "kp_box_baseline": box_layout_error(foreground_boxes(train_fg), train_set.keypoints[:n],
+                                                foreground_boxes(test_fg), test_set.keypoints, size)}
 
 
 @torch.no_grad()
@@ -426,7 +438,7 @@ def show_test_parts(segmenter, test_set, path, num_parts, n=12):
     from minseg.segmenter import predict
     batch = test_set.batch(list(range(min(n, len(test_set)))))
     images, pred = batch["image"], predict(segmenter, test_set.images[:n])  # (n, 3, S, S), (n, S, S)
-    centres = predicted_part_centres(segmenter, test_set.images[:n]) * 2 / test_set.size - 1  # normalised
+    centres = predicted_parts(segmenter, test_set.images[:n])[0] * 2 / test_set.size - 1  # normalised
     rows = [images, draw_points(tint_parts(images, pred), centres, num_parts), pred]
     if "parts" in batch:
         rows.append(batch["parts"])
@@ -492,9 +504,9 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
                                 out_dir, net="deeplab", num_classes=K + 1, steps=schedule.final_steps,
                                 loss="ce_dice", lr=schedule.seg_lr, batch_size=schedule.seg_batch_size, device=device,
                                 extra={"skipped_steps": method.skipped_steps}, progress=progress)
-    kp_error = keypoint_score(segmenter, train_set, test_set, schedule.keypoint_fit_images)
-    if kp_error is not None:
-        metrics["kp_error"] = kp_error
+    keypoints = keypoint_scores(segmenter, train_set, test_set, schedule.keypoint_fit_images)
+    if keypoints:
+        metrics.update(keypoints)
         write_results(out_dir, "ganseg", metrics, test_set.protocol, format_table)
     show_test_parts(segmenter, test_set, out_dir / "test-parts.png", K)
     return metrics

@@ -75,9 +75,12 @@ def _jit_build(use_cuda):
     # The extension then needs libgomp.so.1, which resolves to the copy torch itself loaded (same soname).
     flags = ["-O3", "-fopenmp"] + (["-DWITH_CUDA"] if use_cuda else [])
     os.environ.setdefault("MAX_JOBS", "2")  # parallel nvcc jobs can run out of memory
-    print(f"minseg: building the {'CUDA' if use_cuda else 'C++'} ops extension (first use only, ~30 s)...", flush=True)
+    folder = _build_directory(sources)
+    if not (folder / f"{LIBRARY_NAME}.so").exists():  # else ninja finds nothing to do: say nothing
+        print(f"minseg: building the {'CUDA' if use_cuda else 'C++'} ops extension (first use only, ~30 s)...",
+              flush=True)
     load(name=LIBRARY_NAME, sources=sources, extra_cflags=flags, extra_cuda_cflags=["-O3", "--use_fast_math"] if use_cuda else None,
-         extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], build_directory=str(_build_directory(sources)),
+         extra_ldflags=["-fopenmp"], extra_include_paths=[str(src)], build_directory=str(folder),
          is_python_module=False, verbose=False)
 
 
