@@ -71,9 +71,12 @@ class GANSegConfig:
 # the start resolution instead of two and ~1/8 of the widths (cost; also a narrower non-equivariant border band)
 CPU_64 = dict(size=64, resolutions=(16, 32, 64), widths=(64, 32, 16), z_dim=64, emb_dim=32, mask_width=16,
               spade_hidden=16, disc_width=32)
+# 32 px on CPU (the shapes preset, as the layered GAN's): 8 -> 16 -> 32 px, slimmer still, and a 4 px margin (the
+# paper's 10 px at 128 px is 8 % of the edge; 10 px at 32 px would make the grids 2.6x the image): ~6x CPU_64's speed
+CPU_32 = dict(CPU_64, size=32, resolutions=(8, 16, 32), widths=(32, 16, 16), disc_width=16, margin=4)
 PRESETS = {  # paper settings at 128 px (appendix B.4, Table 4); lambda_con = 1.25 K (F.4) elsewhere
     "cub": dict(size=128, num_parts=8, lambda_con=10.0),
-    "shapes": dict(CPU_64, num_parts=4, lambda_con=5.0),
+    "shapes": dict(CPU_32, num_parts=4, lambda_con=5.0),
     "horses": dict(CPU_64, num_parts=8, lambda_con=10.0),
 }
 
@@ -463,7 +466,7 @@ SCHEDULES = {
     "paper": dict(gan_images=1_920_000, batch_size=64, final_steps=10_000, tick_images=20_000,
                   snapshot_images=100_000),  # 30k G updates at batch 64 (appendix B.4, *code* batch)
 }
-QUICK = {"shapes": dict(gan_images=100_000, final_steps=1500), "horses": dict(gan_images=100_000, final_steps=1500),
+QUICK = {"shapes": dict(gan_images=40_000, final_steps=1000), "horses": dict(gan_images=100_000, final_steps=1500),
          "cub": dict(gan_images=100_000, final_steps=1500)}
 
 
