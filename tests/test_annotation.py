@@ -1,5 +1,6 @@
 """GAN annotation (minseg.methods.annotation): generator features, the decoder fitting its masks, the checks on
 painted masks, and the annotate gan -> export -> paint -> train and curve commands end to end on tiny nets."""
+import importlib.util
 import json
 from dataclasses import asdict
 
@@ -138,3 +139,8 @@ def test_curve_runs_tiny_end_to_end(checkpoint, tmp_path):
     table = (out / "curve.md").read_text()
     assert "| 1 |" in table and "oracle: all 16 real" in table and (out / "oracle.pt").is_file()
     assert main(["annotate", "curve", "shapes", "--checkpoint", str(checkpoint), "--ns", "0,x"]) == 2
+    (out / "curve.png").unlink(missing_ok=True)
+    if importlib.util.find_spec("matplotlib") is not None:  # an optional extra: `annotate plot` redraws the PNG
+        assert main(["annotate", "plot", str(out / "curve.json")]) == 0 and (out / "curve.png").is_file()
+    else:
+        assert main(["annotate", "plot", str(out / "curve.json")]) == 1 and not (out / "curve.png").exists()

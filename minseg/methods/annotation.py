@@ -339,6 +339,9 @@ def add_commands(subparsers):
     cu.add_argument("--oracle", type=existing_file, default=None, help="saved oracle segmenter (default: train)")
     cu.add_argument("--oracle-steps", type=positive_int, default=300, help="oracle training steps (default 300)")
     cu.add_argument("--test-limit", type=positive_int, default=None, help="score on the first N test images")
+    pl = sub.add_parser("plot", help="(re)draw curve.png from a curve's curve.json (needs matplotlib)")
+    pl.add_argument("curve", type=existing_file, help="a curve.json written by `annotate curve`")
+    pl.set_defaults(run=run_plot, parser=pl)
     for q, default_out in ((gan, "runs/annotate-gan-<data>"), (ex, None), (tr, "DIR/result"),
                            (cu, "runs/annotate-curve-<data>")):
         q.add_argument("--out", required=default_out is None, help=f"output folder (default {default_out})")
@@ -417,7 +420,6 @@ def run_curve(args):
     from minseg.cli_args import load
     from minseg.metrics import format_table
     from minseg.segmenter import load_segmenter, save_segmenter, supervised_baseline
-    from minseg.visual import plot_curves
     check_root(args.parser, args)
     ns = sorted({int(v) for v in args.ns.split(",") if v.isdigit() and int(v) > 0})
     if len(ns) != len(args.ns.split(",")):
@@ -454,12 +456,29 @@ def run_curve(args):
     table = format_table(rows, f"{test_set.protocol}; {', '.join(f'{k} {v}' for k, v in settings.items())}; "
                                "mean +- std over seeds")
     command, wall = "python run.py " + " ".join(args.argv), time.time() - start
-    (out / "curve.json").write_text(json.dumps(dict(command=command, checkpoint=checkpoint, protocol=test_set.protocol,
+    (out / "curve.json").write_text(json.dumps(dict(command=command, data=args.data, checkpoint=checkpoint,
+                                                    protocol=test_set.protocol,
                                                     oracle=oracle_scores, ns=ns, settings=settings, runs=runs,
                                                     wall_s=round(wall, 1)), indent=2))
     (out / "curve.md").write_text(f"`{command}` ({wall:.0f} s)\n\n{table}\n")
-    series = {name: (ns, [stat(np.mean, route, n, "iou") for n in ns], [stat(np.std, route, n, "iou") for n in ns])
-              for name, route in (("decoder on N generated", "decoder"), ("N real labels", "real"))}
-    plot_curves(series, out / "curve.png", "annotated images N", "test foreground IoU", args.data)
+    plot_curve(out / "curve.json")
     print(f"{table}\nwrote {out}/curve.md, curve.json" + (", curve.png" if (out / "curve.png").exists() else ""))
     return 0
+
+
+def plot_curve(curve_json):
+    """curve.png next to a curve.json: test IoU against N for both routes, mean and std over seeds (matplotlib)."""
+    from minseg.visual import plot_curves
+    saved = json.loads(Path(curve_json).read_text())
+    runs, ns = saved["runs"], saved["ns"]
+    ious = lambda route, n: [r["iou"] for r in runs if (r["route"], r["n"]) == (route, n)]
+    series = {name: (ns, [float(np.mean(ious(route, n))) for n in ns], [float(np.std(ious(route, n))) for n in ns])
+              for name, route in (("decoder on N generated", "decoder"), ("N real labels", "real"))}
+    return plot_curves(series, Path(curve_json).with_name("curve.png"), "annotated images N", "test foreground IoU",
+                       saved.get("data", Path(curve_json).parent.name))
+
+
+def run_plot(args):
+    path = plot_curve(args.curve)
+    print(f"wrote {path}" if path else "no plot written")
+    return 0 if path else 1
