@@ -218,7 +218,7 @@ def main(argv=None):
     except SystemExit as exit:  # argparse errors (2) and --help (0)
         return exit.code if isinstance(exit.code, int) else 1
     except KeyboardInterrupt:
-        print(f"\nrun.py: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
+        print("\nrun.py: interrupted; a training run continues from its last checkpoint with --resume", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as err:  # bad data folders, splits, checkpoints: say what, no traceback
         print(f"run.py {argv[0]}: error: {err}", file=sys.stderr)

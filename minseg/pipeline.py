@@ -18,13 +18,14 @@ def pair_stream(sample_fn, batch_size):
 
 
 def finish(name, pairs, test_set, out_dir, net="unet", num_classes=1, steps=2000, loss="bce", lr=1e-3,
-           batch_size=32, device="cpu", extra=None, progress=True):
+           batch_size=32, device="cpu", extra=None, more_scores=None, progress=True):
     """Train a fresh segmenter on `pairs` (an iterator of batches), score it on `test_set`, write results.
 
-    Returns (segmenter, metrics dict). `extra` holds method-specific numbers added to the table (e.g. NMI).
+    Returns (segmenter, metrics dict). `extra` holds method-specific numbers added to the table (e.g. NMI);
+    more_scores(segmenter) -> dict adds scores of the trained segmenter (e.g. GANSeg's keypoint errors).
     """
     from minseg.metrics import format_table
-    from minseg.segmenter import evaluate_segmenter, predict, save_segmenter, train_segmenter
+    from minseg.segmenter import evaluate_segmenter, save_segmenter, train_segmenter
     out_dir = Path(out_dir)
     start = time.time()
     segmenter = train_segmenter(pairs, net=net, num_classes=num_classes, steps=steps, lr=lr, batch_size=batch_size,
@@ -32,6 +33,7 @@ def finish(name, pairs, test_set, out_dir, net="unet", num_classes=1, steps=2000
     metrics = evaluate_segmenter(segmenter, test_set)
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, torch.Tensor))}
     metrics.update(extra or {})
+    metrics.update(more_scores(segmenter) if more_scores else {})
     metrics["segmenter_seconds"] = round(time.time() - start, 1)
     save_segmenter(out_dir / "segmenter.pt", segmenter, {"method": name, "num_classes": num_classes})
     write_results(out_dir, name, metrics, test_set.protocol, format_table)

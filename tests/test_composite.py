@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minseg.ops import _build
-from minseg.ops.composite import composite, composite_reference, perturbation
+from minseg.ops.composite import composite, perturbation
 
 PROPERTY = settings(max_examples=15, deadline=None)
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from cub_fixture import METADATA, draw_bird, make_cub_fixture, save_pair, write_cub_layout
+from cub_fixture import METADATA, draw_bird, make_cub_fixture, write_cub_layout
 from minseg.data import SegmentationSet, load_dataset
 from minseg.data.base import PROTOCOLS, crop_window
 from minseg.data.cluster import KINDS, make_cluster_image

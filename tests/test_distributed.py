@@ -11,7 +11,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -33,7 +32,7 @@ def worker(rank, port, out):
     from minseg import distributed
     from minseg.data import load_dataset
     from minseg.methods import ilsgan
-    from minseg.train import Checkpoint, guarded_step, seed_everything, start_run, training_loop
+    from minseg.train import Checkpoint, guarded_step, start_run, training_loop
     assert distributed.init("cpu", timeout_s=120) == "cpu" and distributed.world_size() == WORLD
     result = {"rank": rank}
 

@@ -482,8 +482,7 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     """Train GANSeg per `schedule`, then DeepLab on its pairs; score fg IoU and keypoints; returns the metrics."""
     from pathlib import Path
     from minseg import distributed
-    from minseg.metrics import format_table
-    from minseg.pipeline import finish, pair_stream, write_results
+    from minseg.pipeline import finish, pair_stream
     from minseg.train import seed_everything, start_run, training_loop
 
     if train_set.size != cfg.size:
@@ -506,10 +505,8 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     segmenter, metrics = finish("ganseg", pair_stream(method.sample_pairs, schedule.seg_batch_size), test_set,
                                 out_dir, net="deeplab", num_classes=K + 1, steps=schedule.final_steps,
                                 loss="ce_dice", lr=schedule.seg_lr, batch_size=schedule.seg_batch_size, device=device,
-                                extra={"skipped_steps": method.skipped_steps}, progress=progress)
-    keypoints = keypoint_scores(segmenter, train_set, test_set, schedule.keypoint_fit_images)
-    if keypoints:
-        metrics.update(keypoints)
-        write_results(out_dir, "ganseg", metrics, test_set.protocol, format_table)
+                                extra={"skipped_steps": method.skipped_steps}, progress=progress,
+                                more_scores=lambda seg: keypoint_scores(seg, train_set, test_set,
+                                                                        schedule.keypoint_fit_images))
     show_test_parts(segmenter, test_set, out_dir / "test-parts.png", K)
     return metrics

@@ -8,13 +8,13 @@ U-Net. Paper sections 3.1-3.4 and appendix A/C (Table 1 presets); equations rest
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minseg.nets.blocks import (EMA, DownBlock, ResBlock, UpBlock, d_hinge_loss, downsampling_trunk, g_hinge_loss,
+from minseg.nets.blocks import (EMA, ResBlock, UpBlock, d_hinge_loss, downsampling_trunk, g_hinge_loss,
                                 orthogonal_init, sn_conv, sn_linear)
 from minseg.ops import composite, perturbation
 from minseg.train import guarded_step

@@ -14,6 +14,9 @@ from minseg.ops.composite import composite, composite_reference, perturbation
 from minseg.ops.heatmaps import (part_heatmaps, part_heatmaps_reference, pixel_grid, positional_encoding,
                                  positional_encoding_reference)
 
+__all__ = ["composite", "composite_reference", "perturbation", "part_heatmaps", "part_heatmaps_reference", "pixel_grid",
+           "positional_encoding", "positional_encoding_reference", "backend", "extension_status", "load_extension"]
+
 
 def backend(device="cpu"):
     """Name the live implementation for tensors on `device` (builds the extension if not yet tried)."""
