@@ -396,7 +396,6 @@ class GANSeg:
 
 # -- scores on real images: parts from the final segmenter ------------------------------------------------------
 @torch.no_grad()
-@torch.no_grad()
 def predicted_parts(segmenter, images, batch_size=64):
     """Part centres (N, K, 2): soft centre of mass in pixels (x, y) of classes 1..K of the segmenter's softmax on
     uint8 images; and the foreground (N, H, W): argmax not background."""
