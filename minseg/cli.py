@@ -156,8 +156,9 @@ def add_summarize(subparsers):
 def run_summary(folder):
     """One row for a run folder: its end (from results.json, or the last stats.jsonl record) and its scores."""
     from pathlib import Path
+    from minseg.train import read_stats
     folder = Path(folder)
-    records = [json.loads(line) for line in (folder / "stats.jsonl").read_text().splitlines() if line.strip()]
+    records = [record for _, record in read_stats(folder / "stats.jsonl")]
     ticks = [r for r in records if "event" not in r and "mask_mean" in r]
     collapse = [r for r in records if r.get("event") == "collapse"]
     row = {"run": folder.name}

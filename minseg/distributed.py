@@ -109,13 +109,17 @@ def average_gradients(params, poison=False):
     return bool(torch.isfinite(flat).all())
 
 
+def _collective_device():
+    """Where small tensors for a collective must live: the GPU under nccl, the CPU under gloo."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
+
+
 def rank0_says(flag):
     """Rank 0's value of a bool, on every rank. For decisions that pick which collectives run next (does the
     checkpoint exist yet?): each rank asking the file system itself races with rank 0's write and deadlocks."""
     if world_size() == 1:
         return bool(flag)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=device)
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=_collective_device())
     dist.broadcast(t, 0)
     return bool(t.item())
 
@@ -125,7 +129,6 @@ def mean_over_ranks(values):
     if world_size() == 1 or not values:
         return values
     keys = list(values)
-    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=device)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_collective_device())
     dist.all_reduce(t)
     return {k: float(v) / world_size() for k, v in zip(keys, t.tolist())}

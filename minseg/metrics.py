@@ -189,18 +189,6 @@ def keypoint_regression_error(train_centres, train_keypoints, test_centres, test
     return keypoint_error(apply_keypoint_regressor(W, test_centres), test_keypoints, image_size)
 
 
-def foreground_boxes(foreground):
-    """Tight boxes (N, 4) as x0, y0, x1, y1 pixel edges around the True pixels of (N, H, W); the whole image when none."""
-    fg = _as_numpy(foreground).astype(bool)
-    N, H, W = fg.shape
-    boxes = np.tile(np.array([0.0, 0.0, W, H]), (N, 1))
-    for i in range(N):
-        ys, xs = np.nonzero(fg[i])
-        if len(xs):
-            boxes[i] = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
-    return boxes
-
-
 def box_layout_error(train_boxes, train_keypoints, test_boxes, test_keypoints, image_size):
     """The baseline for part keypoints: the mean layout of the train keypoints in box coordinates ((kp - corner) /
     box extent, each keypoint over the images where it is visible), placed into each test box. Returns the

@@ -244,21 +244,28 @@ def guarded_step(optimizer, loss):
 
 # ------------------------------------------------------------------------------------------------- the loop
 
+def read_stats(path):
+    """The (line, record) pairs of a stats.jsonl, skipping a torn line (a run killed mid-write); [] when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    pairs = []
+    for line in path.read_text().splitlines():
+        try:
+            pairs.append((line, json.loads(line)))
+        except ValueError:
+            continue
+    return pairs
+
+
 def _trim_stats(path, phase, images_seen):
     """Drop the records a resumed run writes again (this phase's ticks past images_seen; events stay) and any
     torn line."""
     if not path.is_file():
         return
     lines = path.read_text().splitlines()
-    keep = []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if record.get("phase") == phase and record.get("images", 0) > images_seen and "event" not in record:
-            continue
-        keep.append(line)
+    keep = [line for line, record in read_stats(path)
+            if not (record.get("phase") == phase and record.get("images", 0) > images_seen and "event" not in record)]
     if keep != lines:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         tmp.write_text("".join(line + "\n" for line in keep))

@@ -542,3 +542,11 @@ def test_full_cub_fixture(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nCUB fixture: 11,788 pictures written in {built:.1f} s; test split loaded in {loaded:.1f} s")
     assert len(d) == 1000 and d.skipped == []
+
+
+def test_mask_box_is_tight_in_pixel_edges():
+    from minseg.data.base import mask_box
+    fg = np.zeros((5, 6), bool)
+    fg[1:3, 2:5] = True  # rows 1-2, columns 2-4
+    assert mask_box(fg) == (2, 1, 5, 3)
+    assert mask_box(np.zeros((5, 6), bool)) == (0, 0, 6, 5)  # empty: the whole image

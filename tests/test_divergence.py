@@ -157,7 +157,8 @@ def test_collapse_is_recorded_raised_and_summarized(tmp_path, capsys):
 
     finished = tmp_path / "runs" / "seed2"
     finished.mkdir()
-    (finished / "stats.jsonl").write_text(json.dumps({"phase": "gan", "images": 8, "mask_mean": 0.3}) + "\n")
+    (finished / "stats.jsonl").write_text(json.dumps({"phase": "gan", "images": 8, "mask_mean": 0.3}) + "\n"
+                                          + '{"phase": "gan", "ima')  # torn by a kill: skipped
     (finished / "results.json").write_text(json.dumps({"method": "x", "protocol": "toy test", "iou": 0.5, "acc": 0.75}))
     assert main(["summarize", str(tmp_path / "runs")]) == 0
     table = capsys.readouterr().out

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra.numpy import arrays
 
 from minseg.metrics import (SegmentationMeter, apply_keypoint_regressor, ari, box_layout_error, confusion_matrix,
-                            contingency_table, fit_keypoint_regressor, foreground_boxes, format_table, keypoint_error,
+                            contingency_table, fit_keypoint_regressor, format_table, keypoint_error,
                             keypoint_regression_error, nmi, per_image_scores, segmentation_scores)
 
 # Two 2x3 images. Image 0: GT fg at (0,0),(0,1); prediction fg at (0,0),(1,0) -> tp 1, fp 1, fn 1, tn 3.
@@ -158,12 +158,6 @@ def test_keypoint_regression_recovers_a_linear_map_without_bias():
     assert fit_keypoint_regressor(c, np.array([[[2.0, 0, 1]], [[4.0, 0, 1]], [[8.0, 0, 1]]]))[0, 0] == pytest.approx(2)
     shifted = np.array([[[7.0, 0, 1]], [[9.0, 0, 1]], [[13.0, 0, 1]]])
     assert keypoint_regression_error(c, shifted, c, shifted, 1) > 0.5
-
-
-def test_foreground_boxes_are_tight_pixel_edges():
-    fg = np.zeros((2, 5, 6), bool)
-    fg[0, 1:3, 2:5] = True  # rows 1-2, columns 2-4
-    assert foreground_boxes(fg).tolist() == [[2, 1, 5, 3], [0, 0, 6, 5]]  # an empty mask: the whole image
 
 
 def test_box_layout_baseline():

@@ -421,17 +421,19 @@ def keypoint_scores(segmenter, train_set, test_set, fit_images=1000):
     kp_error: a linear regressor from the K part centres to the keypoints, fit on `fit_images` train images.
     kp_box_baseline: the mean train keypoint layout placed in the predicted foreground's box (no part information).
     """
-    from minseg.metrics import box_layout_error, foreground_boxes, keypoint_regression_error
+    from minseg.data.base import mask_box
+    from minseg.metrics import box_layout_error, keypoint_regression_error
     if train_set.keypoints is None or test_set.keypoints is None:
         return {}
     n = min(fit_images, len(train_set))
     train_centres, train_fg = predicted_parts(segmenter, train_set.images[:n])
     test_centres, test_fg = predicted_parts(segmenter, test_set.images)
     size = test_set.size
+    boxes = lambda fg: [mask_box(m) for m in fg.numpy()]  # (N, 4) x0, y0, x1, y1 of the predicted foreground
     return {"kp_error": keypoint_regression_error(train_centres, train_set.keypoints[:n], test_centres,
                                                   test_set.keypoints, size),
-            "kp_box_baseline": box_layout_error(foreground_boxes(train_fg), train_set.keypoints[:n],
-                                                foreground_boxes(test_fg), test_set.keypoints, size)}
+            "kp_box_baseline": box_layout_error(boxes(train_fg), train_set.keypoints[:n], boxes(test_fg),
+                                                test_set.keypoints, size)}
 
 
 @torch.no_grad()
