@@ -9,6 +9,7 @@ Clustering (ILSGAN's NMI of the private code against class labels): NMI (arithme
 ARI (Hubert & Arabie), both from the contingency table.
 Keypoints (GANSeg's CUB protocol, sec. 4): linear regression without bias from predicted part centres to GT
 keypoints, fit by least squares on a train set; error = mean L2 distance over visible GT keypoints / image edge.
+`predicted_parts` gives a part segmenter's soft part centres on real images, `keypoint_scores` the whole protocol.
 `format_table` renders rows of scores as a markdown table headed by the evaluation protocol.
 """
 
@@ -201,6 +202,46 @@ def box_layout_error(train_boxes, train_keypoints, test_boxes, test_keypoints, i
     layout = (relative * seen).sum(0) / np.maximum(seen.sum(0), 1)  # (P, 2); 0 where never seen
     pred = test_boxes[:, None, :2] + layout[None] * (test_boxes[:, None, 2:] - test_boxes[:, None, :2])
     return keypoint_error(pred, test_keypoints, image_size)
+
+
+@torch.no_grad()
+def predicted_parts(segmenter, images, batch_size=64):
+    """Part centres (N, K, 2): soft centre of mass in pixels (x, y) of classes 1..K of the segmenter's softmax on
+    uint8 images; and the foreground (N, H, W): argmax not background."""
+    device = next(segmenter.parameters()).device
+    segmenter.eval()
+    centres, foreground = [], []
+    for i in range(0, len(images), batch_size):
+        x = images[i:i + batch_size].to(device).float() / 127.5 - 1
+        probs = segmenter(x).softmax(1)  # (b, K + 1, H, W)
+        foreground.append((probs.argmax(1) != 0).cpu())
+        probs = probs[:, 1:]
+        H, W = probs.shape[-2:]
+        mass = probs.sum((2, 3)).clamp_min(1e-6)  # (b, K)
+        xs = (probs.sum(2) * (torch.arange(W, device=device) + 0.5)).sum(-1) / mass  # pixel i covers [i, i + 1)
+        ys = (probs.sum(3) * (torch.arange(H, device=device) + 0.5)).sum(-1) / mass
+        centres.append(torch.stack([xs, ys], -1).cpu())
+    return torch.cat(centres), torch.cat(foreground)
+
+
+def keypoint_scores(segmenter, train_set, test_set, fit_images=1000):
+    """{kp_error, kp_box_baseline} (fractions of the image edge; GANSeg sec. 4.4), or {} without keypoints.
+
+    kp_error: a linear regressor from the K part centres to the keypoints, fit on `fit_images` train images.
+    kp_box_baseline: the mean train keypoint layout placed in the predicted foreground's box (no part information).
+    """
+    from minseg.data.base import mask_box
+    if train_set.keypoints is None or test_set.keypoints is None:
+        return {}
+    n = min(fit_images, len(train_set))
+    train_centres, train_fg = predicted_parts(segmenter, train_set.images[:n])
+    test_centres, test_fg = predicted_parts(segmenter, test_set.images)
+    size = test_set.size
+    boxes = lambda fg: [mask_box(m) for m in fg.numpy()]  # (N, 4) x0, y0, x1, y1 of the predicted foreground
+    return {"kp_error": keypoint_regression_error(train_centres, train_set.keypoints[:n], test_centres,
+                                                  test_set.keypoints, size),
+            "kp_box_baseline": box_layout_error(boxes(train_fg), train_set.keypoints[:n], boxes(test_fg),
+                                                test_set.keypoints, size)}
 
 
 # ---------------------------------------------------------------------------------------------------- tables

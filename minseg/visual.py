@@ -1,5 +1,7 @@
-"""Pictures: sample grids (rows of images / masks / part maps), mask overlays, optional matplotlib plots."""
+"""Pictures: sample grids (rows of images / masks / part maps), mask overlays, part tints and point dots, a part
+segmenter's predictions on real test images, optional matplotlib plots (GAN annotation's few-label curve)."""
 
+import json
 import os
 from pathlib import Path
 
@@ -28,6 +30,28 @@ def overlay(images, masks, colour=(1.0, -1.0, -1.0), strength=0.5):
     return images + strength * masks * (tint - images)
 
 
+def draw_points(images, points, num_parts, radius=1):
+    """Copy of images (B, 3, H, W) with each point (B, P, 2), normalised, part-major, as a dot in its part's colour."""
+    out = images.detach().clone()
+    B, P, _ = points.shape
+    H, W = images.shape[-2:]
+    colours = PART_COLOURS.to(images.device)[(1 + torch.arange(P, device=images.device) // (P // num_parts))
+                                             % len(PART_COLOURS)]  # (P, 3)
+    cols = ((points[..., 0] + 1) * W / 2 - 0.5).round().long()  # (B, P) pixel indices
+    rows = ((points[..., 1] + 1) * H / 2 - 0.5).round().long()
+    batch = torch.arange(B, device=images.device)[:, None].expand(B, P)
+    canvas = out.permute(0, 2, 3, 1)  # (B, H, W, 3) view
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            canvas[batch, (rows + dy).clamp(0, H - 1), (cols + dx).clamp(0, W - 1)] = colours.expand(B, P, 3)
+    return out
+
+
+def tint_parts(images, labels, strength=0.5):
+    """Images (B, 3, H, W) with each part label (B, H, W) > 0 tinted in its colour."""
+    return images + strength * (labels > 0)[:, None] * (to_rgb(labels) - images)
+
+
 def save_grid(rows, path, columns=None):
     """Save rows (a list of batches, each shown as one row of tiles; see to_rgb) as a PNG; returns the path."""
     rows = [to_rgb(r.detach().float().cpu()) for r in rows]
@@ -51,6 +75,20 @@ def save_grid(rows, path, columns=None):
     return path
 
 
+@torch.no_grad()
+def show_test_parts(segmenter, test_set, path, num_parts, n=12):
+    """Real test images | predicted parts tinted, centres dotted | predicted part map | GT part map (if any)."""
+    from minseg.metrics import predicted_parts
+    from minseg.segmenter import predict
+    batch = test_set.batch(list(range(min(n, len(test_set)))))
+    images, pred = batch["image"], predict(segmenter, test_set.images[:n])  # (n, 3, S, S), (n, S, S)
+    centres = predicted_parts(segmenter, test_set.images[:n])[0] * 2 / test_set.size - 1  # normalised
+    rows = [images, draw_points(tint_parts(images, pred), centres, num_parts), pred]
+    if "parts" in batch:
+        rows.append(batch["parts"])
+    save_grid(rows, path)
+
+
 def plot_curves(series, path, xlabel, ylabel, title=""):
     """Line plot of {name: (xs, ys, yerr or None)} to a PNG with matplotlib; returns None when it is missing."""
     try:
@@ -72,6 +110,18 @@ def plot_curves(series, path, xlabel, ylabel, title=""):
     fig.savefig(path)
     plt.close(fig)
     return Path(path)
+
+
+def plot_curve(curve_json):
+    """curve.png next to a curve.json (`annotate curve`): test IoU against N for both routes, mean and std over
+    seeds (matplotlib)."""
+    saved = json.loads(Path(curve_json).read_text())
+    runs, ns = saved["runs"], saved["ns"]
+    ious = lambda route, n: [r["iou"] for r in runs if (r["route"], r["n"]) == (route, n)]
+    series = {name: (ns, [float(np.mean(ious(route, n))) for n in ns], [float(np.std(ious(route, n))) for n in ns])
+              for name, route in (("decoder on N generated", "decoder"), ("N real labels", "real"))}
+    return plot_curves(series, Path(curve_json).with_name("curve.png"), "annotated images N", "test foreground IoU",
+                       saved.get("data", Path(curve_json).parent.name))
 
 
 def as_uint8(images):

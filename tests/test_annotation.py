@@ -10,9 +10,9 @@ import torch
 from PIL import Image
 
 from minseg.cli import main
-from minseg.methods.annotation import (IGNORE, FrozenGenerator, PlainConfig, PlainGAN, PlainGenerator, decode,
-                                       fit_decoder, load_generator, read_annotations)
+from minseg.methods.annotation import IGNORE, FrozenGenerator, decode, fit_decoder, load_generator, read_annotations
 from minseg.methods.ilsgan import ILSGANConfig, LayeredGenerator
+from minseg.methods.plain_gan import PlainConfig, PlainGAN, PlainGenerator
 
 TINY = ["--set", "gen_width=4", "--set", "disc_width=4", "--set", "z_dim=8"]
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from minseg.methods.ganseg import (PRESETS, GANSeg, GANSegConfig, Schedule, area_loss, concentration_loss,
-                                   draw_points, make_schedule, part_geometry, run)
+                                   make_schedule, part_geometry, run)
 from minseg.ops import part_heatmaps, pixel_grid
-from minseg.visual import PART_COLOURS
+from minseg.visual import PART_COLOURS, draw_points
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

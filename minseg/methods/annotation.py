@@ -1,10 +1,9 @@
 """GAN annotation ("Teaching GAN to generate per-pixel annotation", ICLR 2020 submission, sec. 3.2-3.3 and 4.5;
 shared notes sec. 4): freeze a trained generator, annotate a few of its samples, fit a light decoder from its
-multi-resolution features to those masks, then label a synthetic set and train a segmenter on it.
+multi-resolution features to those masks, then label a synthetic set and train a segmenter on it. The generator
+is a layered ILSGAN one or the plain, mask-free GAN of `minseg.methods.plain_gan` (`annotate gan` trains it).
 
 This file holds
-    PlainGenerator / PlainGAN   an unconditional DCGAN-style GAN with no notion of masks (hinge, SN-D, EMA),
-                                trained by `minseg.train.training_loop`; forward(z, return_features=True)
     FrozenGenerator             a plain or layered (ILSGAN) checkpoint behind one interface: latents -> (image,
                                 features); `load_generator(path)`
     Decoder, fit_decoder        per level conv3x3 -> 32 ch, BN, LReLU, dropout 0.5; coarse to fine: nearest 2x,
@@ -22,7 +21,7 @@ The curve's defaults (U-Net width 8, 100 steps of batch 8, 400 synthetic pairs) 
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import numpy as np
@@ -33,92 +32,10 @@ from PIL import Image
 
 from minseg.cli_args import (DATA_SETS, add_data_arguments, check_root, existing_dir, existing_file, positive_int,
                              splits_for)
-from minseg.nets.blocks import EMA, d_hinge_loss, downsampling_trunk, g_hinge_loss, orthogonal_init, sn_conv
-from minseg.visual import as_uint8, overlay, save_grid
+from minseg.methods.plain_gan import PlainConfig, PlainGAN, PlainGenerator
+from minseg.visual import as_uint8, overlay, plot_curve, save_grid
 
 IGNORE = -100  # label of unpainted pixels (F.cross_entropy's default ignore_index)
-
-
-# ----------------------------------------------------------------------------------- a GAN with no masks
-
-@dataclass
-class PlainConfig:
-    size: int = 64
-    z_dim: int = 64
-    gen_width: int = 8          # channels at full resolution, x2 per halving (capped at 256)
-    disc_width: int = 16
-    lr: float = 2e-4
-    betas: tuple = (0.5, 0.999)
-    ema_beta: float = 0.995     # short CPU schedules: 0.999 would still average in the first few hundred steps
-
-
-class PlainGenerator(nn.Module):
-    """z -> Linear -> 4x4 -> UpBlocks to `size` -> conv3x3 -> tanh; features = the 4x4 map and every UpBlock's."""
-
-    def __init__(self, cfg):
-        super().__init__()
-        from minseg.methods.ilsgan import upsampling_branch
-        self.cfg = cfg
-        self.branch = upsampling_branch(cfg.z_dim, cfg.gen_width, cfg.size)
-        self.to_rgb = nn.Sequential(nn.Conv2d(cfg.gen_width, 3, 3, 1, 1), nn.Tanh())
-        orthogonal_init(self)
-
-    def sample_codes(self, batch, device="cpu", generator=None):
-        return torch.randn(batch, self.cfg.z_dim, device=device, generator=generator)
-
-    def forward(self, z, return_features=False):
-        features, h = [], z
-        for block in self.branch:
-            h = block(h)
-            features.append(h)  # (B, C_i, 4 * 2**i, 4 * 2**i)
-        out = {"image": self.to_rgb(h)}  # (B, 3, S, S) in [-1, 1]
-        if return_features:
-            out["features"] = features
-        return out
-
-
-class PlainGAN:
-    """Generator, SN discriminator, EMA and one hinge-loss step (the training_loop protocol of minseg.train)."""
-
-    def __init__(self, cfg, device="cpu"):
-        self.cfg, self.device = cfg, torch.device(device)
-        self.G = PlainGenerator(cfg).to(self.device)
-        trunk, ch = downsampling_trunk(3, cfg.disc_width, cfg.size)
-        self.D = orthogonal_init(nn.Sequential(trunk, sn_conv(ch, 1, 4, 1, 0), nn.Flatten())).to(self.device)
-        self.G_ema = EMA(self.G, cfg.ema_beta)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), cfg.lr, betas=cfg.betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), cfg.lr, betas=cfg.betas)
-
-    def train_step(self, real):
-        x_real = real["image"].to(self.device)  # (B, 3, S, S)
-        z = self.G.sample_codes(len(x_real), self.device)
-        with torch.no_grad():
-            x_fake = self.G(z)["image"]
-        loss_D = d_hinge_loss(self.D(x_real), self.D(x_fake))
-        self.opt_D.zero_grad(set_to_none=True)
-        loss_D.backward()
-        self.opt_D.step()
-        loss_G = g_hinge_loss(self.D(self.G(z)["image"]))
-        self.opt_G.zero_grad(set_to_none=True)
-        loss_G.backward()
-        self.opt_G.step()
-        self.G_ema.update(self.G)
-        return dict(loss_D=loss_D.item(), loss_G=loss_G.item())
-
-    @torch.no_grad()
-    def snapshot(self, path, n=12):
-        z = self.G.sample_codes(n, self.device, torch.Generator(self.device).manual_seed(1234))
-        save_grid([self.G_ema.net(z)["image"]], path)
-
-    def state_dict(self):
-        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "G_ema": self.G_ema.net.state_dict(),
-                "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(), "ema_updates": self.G_ema.updates}
-
-    def load_state_dict(self, state):
-        for name in ("G", "D", "opt_G", "opt_D"):
-            getattr(self, name).load_state_dict(state[name])
-        self.G_ema.net.load_state_dict(state["G_ema"])
-        self.G_ema.updates = int(state["ema_updates"])
 
 
 # ----------------------------------------------------------------------------- a frozen generator, any kind
@@ -464,18 +381,6 @@ def run_curve(args):
     plot_curve(out / "curve.json")
     print(f"{table}\nwrote {out}/curve.md, curve.json" + (", curve.png" if (out / "curve.png").exists() else ""))
     return 0
-
-
-def plot_curve(curve_json):
-    """curve.png next to a curve.json: test IoU against N for both routes, mean and std over seeds (matplotlib)."""
-    from minseg.visual import plot_curves
-    saved = json.loads(Path(curve_json).read_text())
-    runs, ns = saved["runs"], saved["ns"]
-    ious = lambda route, n: [r["iou"] for r in runs if (r["route"], r["n"]) == (route, n)]
-    series = {name: (ns, [float(np.mean(ious(route, n))) for n in ns], [float(np.std(ious(route, n))) for n in ns])
-              for name, route in (("decoder on N generated", "decoder"), ("N real labels", "real"))}
-    return plot_curves(series, Path(curve_json).with_name("curve.png"), "annotated images N", "test foreground IoU",
-                       saved.get("data", Path(curve_json).parent.name))
 
 
 def run_plot(args):

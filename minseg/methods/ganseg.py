@@ -14,6 +14,8 @@ the total upsampling factor) moves masks and image by t (appendix E), BatchNorm 
 image outside a border band, because the foreground's coarse levels need W_fg beyond the masks' own margin and
 edge-pad it there (tests/test_ganseg.py checks both).
 Losses: non-saturating logistic; gradient penalty on reals (lazy); concentration (eq. 16) and area (eq. 17).
+Shared pieces live elsewhere: the MLPs and SPADE / AdaIN blocks in minseg.nets.blocks, the point and part pictures
+in minseg.visual, part centres and keypoint scores on real images in minseg.metrics.
 """
 
 from dataclasses import dataclass
@@ -22,10 +24,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minseg.nets.blocks import EMA, d_logistic_loss, downsampling_trunk, g_logistic_loss, orthogonal_init, sn_conv
+from minseg.metrics import keypoint_scores
+from minseg.nets.blocks import (EMA, AdaINBlock, SPADEResBlock, d_logistic_loss, downsampling_trunk, g_logistic_loss,
+                                mlp, orthogonal_init, sn_conv)
 from minseg.ops import composite, part_heatmaps, pixel_grid, positional_encoding
 from minseg.train import guarded_step
-from minseg.visual import PART_COLOURS, save_grid, to_rgb
+from minseg.visual import draw_points, save_grid, show_test_parts, tint_parts
 
 
 @dataclass
@@ -81,12 +85,6 @@ PRESETS = {  # paper settings at 128 px (appendix B.4, Table 4); lambda_con = 1.
 }
 
 
-def mlp(cin, cout, hidden):
-    """The paper's 3-layer MLPs (points, appearance, background appearance)."""
-    return nn.Sequential(nn.Linear(cin, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
-                         nn.Linear(hidden, cout))
-
-
 def crop(x, margin):
     return x[..., margin:x.shape[-2] - margin, margin:x.shape[-1] - margin]
 
@@ -94,52 +92,6 @@ def crop(x, margin):
 def upsample_crop(x, margin):
     """2x bilinear upsample of a map with a `margin` px border (now 2 margin), cropped back to `margin` px."""
     return crop(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False), margin)
-
-
-class SPADE(nn.Module):
-    """BatchNorm without affine, then a per-pixel scale and shift predicted from a style map (appendix B.2)."""
-
-    def __init__(self, ch, style_ch, hidden):
-        super().__init__()
-        self.norm = nn.BatchNorm2d(ch, affine=False)
-        self.shared = nn.Sequential(nn.Conv2d(style_ch, hidden, 3, 1, 1), nn.LeakyReLU(0.2))
-        self.gamma, self.beta = nn.Conv2d(hidden, ch, 3, 1, 1), nn.Conv2d(hidden, ch, 3, 1, 1)
-
-    def forward(self, x, style):
-        h = self.shared(style)
-        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
-
-
-class SPADEResBlock(nn.Module):
-    """(SPADE, LReLU, conv) twice, plus the input; SPADE + 1x1 conv on the shortcut when the width changes."""
-
-    def __init__(self, cin, cout, style_ch, hidden):
-        super().__init__()
-        mid = min(cin, cout)
-        self.spade1, self.conv1 = SPADE(cin, style_ch, hidden), nn.Conv2d(cin, mid, 3, 1, 1)
-        self.spade2, self.conv2 = SPADE(mid, style_ch, hidden), nn.Conv2d(mid, cout, 3, 1, 1)
-        self.learned_shortcut = cin != cout
-        if self.learned_shortcut:
-            self.spade_s, self.conv_s = SPADE(cin, style_ch, hidden), nn.Conv2d(cin, cout, 1, bias=False)
-
-    def forward(self, x, style):
-        h = self.conv1(F.leaky_relu(self.spade1(x, style), 0.2))
-        h = self.conv2(F.leaky_relu(self.spade2(h, style), 0.2))
-        return h + (self.conv_s(self.spade_s(x, style)) if self.learned_shortcut else x)
-
-
-class AdaINBlock(nn.Module):
-    """BatchNorm without affine, per-channel scale and shift from a style vector, LReLU, conv (appendix B.3)."""
-
-    def __init__(self, cin, cout, style_dim, hidden):
-        super().__init__()
-        self.norm = nn.BatchNorm2d(cin, affine=False)
-        self.style = nn.Sequential(nn.Linear(style_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 2 * cin))
-        self.conv = nn.Conv2d(cin, cout, 3, 1, 1)
-
-    def forward(self, x, style):
-        gamma, beta = self.style(style)[:, :, None, None].chunk(2, 1)  # (B, cin, 1, 1) each
-        return self.conv(F.leaky_relu(self.norm(x) * (1 + gamma) + beta, 0.2))
 
 
 def part_geometry(points, num_parts, fixed_sigma=None):
@@ -267,28 +219,6 @@ def area_loss(masks, centres, sigmas):
     return F.relu(heat.sum((2, 3)) - masks[:, 1:].sum((2, 3))).sum(1).mean()
 
 
-def draw_points(images, points, num_parts, radius=1):
-    """Copy of images (B, 3, H, W) with each point (B, P, 2), normalised, part-major, as a dot in its part's colour."""
-    out = images.detach().clone()
-    B, P, _ = points.shape
-    H, W = images.shape[-2:]
-    colours = PART_COLOURS.to(images.device)[(1 + torch.arange(P, device=images.device) // (P // num_parts))
-                                             % len(PART_COLOURS)]  # (P, 3)
-    cols = ((points[..., 0] + 1) * W / 2 - 0.5).round().long()  # (B, P) pixel indices
-    rows = ((points[..., 1] + 1) * H / 2 - 0.5).round().long()
-    batch = torch.arange(B, device=images.device)[:, None].expand(B, P)
-    canvas = out.permute(0, 2, 3, 1)  # (B, H, W, 3) view
-    for dy in range(-radius, radius + 1):
-        for dx in range(-radius, radius + 1):
-            canvas[batch, (rows + dy).clamp(0, H - 1), (cols + dx).clamp(0, W - 1)] = colours.expand(B, P, 3)
-    return out
-
-
-def tint_parts(images, labels, strength=0.5):
-    """Images (B, 3, H, W) with each part label (B, H, W) > 0 tinted in its colour."""
-    return images + strength * (labels > 0)[:, None] * (to_rgb(labels) - images)
-
-
 class GANSeg:
     """Networks, optimisers and one training step of GANSeg."""
 
@@ -392,61 +322,6 @@ class GANSeg:
             self.G_ema.net.load_state_dict(state["G_ema"])
         self.d_steps, self.g_steps = int(state["d_steps"]), int(state["g_steps"])
         self.skipped_steps = int(state["skipped_steps"])
-
-
-# -- scores on real images: parts from the final segmenter ------------------------------------------------------
-@torch.no_grad()
-def predicted_parts(segmenter, images, batch_size=64):
-    """Part centres (N, K, 2): soft centre of mass in pixels (x, y) of classes 1..K of the segmenter's softmax on
-    uint8 images; and the foreground (N, H, W): argmax not background."""
-    device = next(segmenter.parameters()).device
-    segmenter.eval()
-    centres, foreground = [], []
-    for i in range(0, len(images), batch_size):
-        x = images[i:i + batch_size].to(device).float() / 127.5 - 1
-        probs = segmenter(x).softmax(1)  # (b, K + 1, H, W)
-        foreground.append((probs.argmax(1) != 0).cpu())
-        probs = probs[:, 1:]
-        H, W = probs.shape[-2:]
-        mass = probs.sum((2, 3)).clamp_min(1e-6)  # (b, K)
-        xs = (probs.sum(2) * (torch.arange(W, device=device) + 0.5)).sum(-1) / mass  # pixel i covers [i, i + 1)
-        ys = (probs.sum(3) * (torch.arange(H, device=device) + 0.5)).sum(-1) / mass
-        centres.append(torch.stack([xs, ys], -1).cpu())
-    return torch.cat(centres), torch.cat(foreground)
-
-
-def keypoint_scores(segmenter, train_set, test_set, fit_images=1000):
-    """{kp_error, kp_box_baseline} (fractions of the image edge; sec. 4.4), or {} without keypoints.
-
-    kp_error: a linear regressor from the K part centres to the keypoints, fit on `fit_images` train images.
-    kp_box_baseline: the mean train keypoint layout placed in the predicted foreground's box (no part information).
-    """
-    from minseg.data.base import mask_box
-    from minseg.metrics import box_layout_error, keypoint_regression_error
-    if train_set.keypoints is None or test_set.keypoints is None:
-        return {}
-    n = min(fit_images, len(train_set))
-    train_centres, train_fg = predicted_parts(segmenter, train_set.images[:n])
-    test_centres, test_fg = predicted_parts(segmenter, test_set.images)
-    size = test_set.size
-    boxes = lambda fg: [mask_box(m) for m in fg.numpy()]  # (N, 4) x0, y0, x1, y1 of the predicted foreground
-    return {"kp_error": keypoint_regression_error(train_centres, train_set.keypoints[:n], test_centres,
-                                                  test_set.keypoints, size),
-            "kp_box_baseline": box_layout_error(boxes(train_fg), train_set.keypoints[:n], boxes(test_fg),
-                                                test_set.keypoints, size)}
-
-
-@torch.no_grad()
-def show_test_parts(segmenter, test_set, path, num_parts, n=12):
-    """Real test images | predicted parts tinted, centres dotted | predicted part map | GT part map (if any)."""
-    from minseg.segmenter import predict
-    batch = test_set.batch(list(range(min(n, len(test_set)))))
-    images, pred = batch["image"], predict(segmenter, test_set.images[:n])  # (n, 3, S, S), (n, S, S)
-    centres = predicted_parts(segmenter, test_set.images[:n])[0] * 2 / test_set.size - 1  # normalised
-    rows = [images, draw_points(tint_parts(images, pred), centres, num_parts), pred]
-    if "parts" in batch:
-        rows.append(batch["parts"])
-    save_grid(rows, path)
 
 
 # -- the whole pipeline: GAN, then DeepLab on generated pairs, then scores on real images -------------------------

@@ -1,6 +1,7 @@
-"""Building blocks shared by the GANs of every method: up/down blocks, spectral norm, orthogonal init,
-EMA of a generator, and the adversarial losses (hinge: ILSGAN eq. 6; non-saturating logistic: GANSeg and
-the independence prior).
+"""Building blocks shared by the GANs of every method: up/down blocks, spectral norm, orthogonal init, 3-layer
+MLPs, style-conditioned blocks (SPADE and its ResBlock on style maps, AdaIN on style vectors: GANSeg), EMA of a
+generator, and the adversarial losses (hinge: ILSGAN eq. 6; non-saturating logistic: GANSeg and the independence
+prior).
 """
 
 import copy
@@ -65,6 +66,58 @@ def downsampling_trunk(in_ch, width, resolution, min_resolution=4, max_width=512
         layers.append(DownBlock(ch, out))
         ch, out, res = out, min(out * 2, max_width), res // 2
     return nn.Sequential(*layers), ch
+
+
+def mlp(cin, cout, hidden):
+    """GANSeg's 3-layer MLPs (points, appearance, background appearance)."""
+    return nn.Sequential(nn.Linear(cin, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, hidden), nn.LeakyReLU(0.2),
+                         nn.Linear(hidden, cout))
+
+
+class SPADE(nn.Module):
+    """BatchNorm without affine, then a per-pixel scale and shift predicted from a style map (GANSeg appendix B.2)."""
+
+    def __init__(self, ch, style_ch, hidden):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(ch, affine=False)
+        self.shared = nn.Sequential(nn.Conv2d(style_ch, hidden, 3, 1, 1), nn.LeakyReLU(0.2))
+        self.gamma, self.beta = nn.Conv2d(hidden, ch, 3, 1, 1), nn.Conv2d(hidden, ch, 3, 1, 1)
+
+    def forward(self, x, style):
+        h = self.shared(style)
+        return self.norm(x) * (1 + self.gamma(h)) + self.beta(h)
+
+
+class SPADEResBlock(nn.Module):
+    """(SPADE, LReLU, conv) twice, plus the input; SPADE + 1x1 conv on the shortcut when the width changes."""
+
+    def __init__(self, cin, cout, style_ch, hidden):
+        super().__init__()
+        mid = min(cin, cout)
+        self.spade1, self.conv1 = SPADE(cin, style_ch, hidden), nn.Conv2d(cin, mid, 3, 1, 1)
+        self.spade2, self.conv2 = SPADE(mid, style_ch, hidden), nn.Conv2d(mid, cout, 3, 1, 1)
+        self.learned_shortcut = cin != cout
+        if self.learned_shortcut:
+            self.spade_s, self.conv_s = SPADE(cin, style_ch, hidden), nn.Conv2d(cin, cout, 1, bias=False)
+
+    def forward(self, x, style):
+        h = self.conv1(F.leaky_relu(self.spade1(x, style), 0.2))
+        h = self.conv2(F.leaky_relu(self.spade2(h, style), 0.2))
+        return h + (self.conv_s(self.spade_s(x, style)) if self.learned_shortcut else x)
+
+
+class AdaINBlock(nn.Module):
+    """BatchNorm without affine, per-channel scale and shift from a style vector, LReLU, conv (GANSeg appendix B.3)."""
+
+    def __init__(self, cin, cout, style_dim, hidden):
+        super().__init__()
+        self.norm = nn.BatchNorm2d(cin, affine=False)
+        self.style = nn.Sequential(nn.Linear(style_dim, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 2 * cin))
+        self.conv = nn.Conv2d(cin, cout, 3, 1, 1)
+
+    def forward(self, x, style):
+        gamma, beta = self.style(style)[:, :, None, None].chunk(2, 1)  # (B, cin, 1, 1) each
+        return self.conv(F.leaky_relu(self.norm(x) * (1 + gamma) + beta, 0.2))
 
 
 class EMA:
