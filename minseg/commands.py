@@ -219,6 +219,10 @@ def run_hoc_command(args):
     print(f"one instance per layer: {100 * scores['one_instance']:.1f} %; mean mask area "
           f"{scores['mask_area_px']:.0f} px" + (f" (true instance {scores['true_area_px']:.0f} px)"
                                                if "true_area_px" in scores else ""))
+    if "shape_iou" in scores:
+        print(f"shape IoU with the true instances {scores['shape_iou']:.2f} (true instances with each other "
+              f"{scores['shape_iou_true']:.2f}, a disk {scores['shape_iou_disk']:.2f}); elongation "
+              f"{scores['elongation']:.2f} (true {scores['elongation_true']:.2f})")
     print(f"results: {out}/results.md, pictures: {out}/instances.png")
     return 0
 

@@ -199,6 +199,89 @@ def instance_sizes(instance_masks, top=10):
     return extent, float(areas.quantile(0.5))
 
 
+def _centred(masks, centres, scale, out_size, rotations=None):
+    """Resample masks (B, H, W) around centres (B, 2) (x, y in px) into out_size x out_size canvases at `scale`
+    source px per output px, optionally rotated by angles (B,) in radians: bool (B, out_size, out_size)."""
+    B, H, W = masks.shape
+    cos, sin = (torch.ones(B), torch.zeros(B)) if rotations is None else (rotations.cos(), rotations.sin())
+    sx, sy = scale * out_size / W, scale * out_size / H  # output's normalised units -> the source's
+    theta = torch.stack([torch.stack([sx * cos, -sx * sin, 2 * centres[:, 0] / W - 1], 1),
+                         torch.stack([sy * sin, sy * cos, 2 * centres[:, 1] / H - 1], 1)], 1)  # (B, 2, 3)
+    grid = F.affine_grid(theta, (B, 1, out_size, out_size), align_corners=False)
+    return F.grid_sample(masks[:, None].float(), grid, align_corners=False)[:, 0] > 0.5
+
+
+def centroids(masks):
+    """(B, 2) centroid (x, y) in px of masks (B, H, W); the middle for an empty mask."""
+    B, H, W = masks.shape
+    m = masks.float()
+    area = m.sum((1, 2)).clamp(min=1e-6)
+    x = (m.sum(1) * (torch.arange(W) + 0.5)).sum(1) / area
+    y = (m.sum(2) * (torch.arange(H) + 0.5)).sum(1) / area
+    empty = m.sum((1, 2)) == 0
+    return torch.stack([x.masked_fill(empty, W / 2), y.masked_fill(empty, H / 2)], 1)
+
+
+def elongation(masks):
+    """(B,) sqrt of the ratio of the principal second moments of masks (B, H, W): 1 for a disk, ~a/b for an
+    ellipse with half-axes a >= b; nan for an empty mask."""
+    B, H, W = masks.shape
+    m = masks.float()
+    ys, xs = torch.meshgrid(torch.arange(H) + 0.5, torch.arange(W) + 0.5, indexing="ij")
+    c = centroids(masks)
+    dx, dy = xs - c[:, 0, None, None], ys - c[:, 1, None, None]  # (B, H, W)
+    area = m.sum((1, 2))
+    cxx, cyy, cxy = [(m * v).sum((1, 2)) / area for v in (dx * dx, dy * dy, dx * dy)]
+    spread = torch.sqrt(((cxx - cyy) / 2) ** 2 + cxy ** 2)
+    big, small = (cxx + cyy) / 2 + spread, (cxx + cyy) / 2 - spread
+    return torch.sqrt(big / small.clamp(min=1e-6)).masked_fill(area == 0, float("nan"))
+
+
+def shape_templates(instance_masks, window, size, top=20, angles=24):
+    """The true instance shapes at patch scale: the `top` last-painted instances clear of the border (nearly whole),
+    each centred on its centroid, at `angles` rotations and mirrored: bool (top * angles * 2, size, size)."""
+    rows, cols = instance_masks.any(2), instance_masks.any(1)
+    clear = ~(rows[:, 0] | rows[:, -1] | cols[:, 0] | cols[:, -1])
+    whole = instance_masks[clear][-top:]  # (T, H, W)
+    T = len(whole)
+    turn = (torch.arange(angles) * 2 * math.pi / angles).repeat(T)  # (T * angles,)
+    upright = _centred(whole.repeat_interleave(angles, 0), centroids(whole).repeat_interleave(angles, 0),
+                       window / size, size, turn)
+    return torch.cat([upright, upright.flip(-1)])
+
+
+def best_shape_iou(masks, templates):
+    """(B,) best IoU of each mask (B, S, S), centred on its centroid, with any template (K, S, S): shape agreement
+    up to position, rotation and mirroring. 0 for an empty mask."""
+    S = masks.shape[-1]
+    centred = _centred(masks, centroids(masks), 1.0, S).flatten(1).float()  # (B, S S)
+    flat = templates.flatten(1).float()  # (K, S S)
+    inter = centred @ flat.T  # (B, K)
+    union = centred.sum(1, keepdim=True) + flat.sum(1) - inter
+    return (inter / union.clamp(min=1)).amax(1)
+
+
+def shape_scores(alphas, instance_masks, window, size, angles=24):
+    """Does a generated mask look like one true instance? Mean best-template IoU of the thresholded layers alphas
+    (B, S, S), next to two references: each true instance against the *other* instances' templates (what learned
+    instances could reach) and a centred disk of the true median area (what a round blob gets for free); and the
+    mean elongation of the generated and the true shapes (seeds ~1.9, a blob ~1)."""
+    templates = shape_templates(instance_masks, window, size, angles=angles)  # (2 T angles, S, S)
+    T = len(templates) // (2 * angles)
+    upright = templates[:T * angles:angles]  # each instance at angle 0, not mirrored: (T, S, S)
+    a, b = upright.flatten(1).float(), templates.flatten(1).float()
+    inter = a @ b.T  # (T, K)
+    iou = inter / (a.sum(1, keepdim=True) + b.sum(1) - inter).clamp(min=1)
+    source = torch.arange(T).repeat_interleave(angles).repeat(2)  # (K,) the instance each template came from
+    iou[source[None] == torch.arange(T)[:, None]] = 0
+    centre = torch.arange(size) + 0.5 - size / 2
+    radius = math.sqrt(float(a.sum(1).median()) / math.pi)
+    disk = (centre[:, None] ** 2 + centre[None] ** 2 < radius ** 2)[None]  # (1, S, S)
+    return dict(shape_iou=float(best_shape_iou(alphas > 0.5, templates).mean()),
+                shape_iou_true=float(iou.amax(1).mean()), shape_iou_disk=float(best_shape_iou(disk, templates)[0]),
+                elongation=float(elongation(alphas > 0.5).nanmean()), elongation_true=float(elongation(upright).mean()))
+
+
 @dataclass
 class HOCSchedule:
     gan_images: int = 100_000    # real patches seen by D
@@ -209,19 +292,24 @@ class HOCSchedule:
 
 
 @torch.no_grad()
-def instance_scores(method, n, batch=64):
+def instance_scores(method, n, batch=64, instance_masks=None, window=None):
     """Share of generated layers holding exactly one instance (components of alpha > 0.5 of at least
-    min_component_frac of the patch), none, or several; mean thresholded and soft mask area in px."""
+    min_component_frac of the patch), none, or several; mean thresholded and soft mask area in px; with the true
+    instance masks of the picture (and the patch window in its px), how much the masks look like them
+    (`shape_scores`): a count alone cannot tell a seed from a blob."""
     cfg = method.cfg
     method.G.eval()
     alphas = torch.cat([method.G(torch.randn(min(batch, n - i), cfg.z_dim, device=method.device))[1].cpu()
                         for i in range(0, n, batch)])[:, 0]  # (n, S, S)
     method.G.train()
     counts = count_components(alphas > 0.5, math.ceil(cfg.min_component_frac * cfg.size ** 2))
-    return dict(one_instance=float((counts == 1).float().mean()), no_instance=float((counts == 0).float().mean()),
-                several_instances=float((counts > 1).float().mean()),
-                mask_area_px=float((alphas > 0.5).flatten(1).sum(1).float().mean()),
-                soft_mask_area_px=float(alphas.flatten(1).sum(1).mean()), layers_scored=n)
+    scores = dict(one_instance=float((counts == 1).float().mean()), no_instance=float((counts == 0).float().mean()),
+                  several_instances=float((counts > 1).float().mean()),
+                  mask_area_px=float((alphas > 0.5).flatten(1).sum(1).float().mean()),
+                  soft_mask_area_px=float(alphas.flatten(1).sum(1).mean()), layers_scored=n)
+    if instance_masks is not None:
+        scores.update(shape_scores(alphas, instance_masks, window, cfg.size))
+    return scores
 
 
 def run_hoc(cfg, image, out_dir, instance_masks=None, schedule=None, device="cpu", seed=0, resume=False,
@@ -260,7 +348,7 @@ def run_hoc(cfg, image, out_dir, instance_masks=None, schedule=None, device="cpu
                   save_state, schedule.tick_images, schedule.snapshot_images, progress=progress, desc="hoc")
     if not distributed.is_main():
         return {}  # under torchrun, rank 0 alone scores the layers and writes the results
-    scores = {**instance_scores(method, schedule.eval_layers), **true, "window_px": window, "patch_px": cfg.size,
+    scores = {**instance_scores(method, schedule.eval_layers, instance_masks=instance_masks, window=window), **true, "window_px": window, "patch_px": cfg.size,
               "patches": len(pool), "skipped_steps": method.skipped_steps}
     gen = torch.Generator(device=method.device).manual_seed(seed)
     z = torch.randn(12, cfg.num_layers, cfg.z_dim, device=method.device, generator=gen)
