@@ -1,7 +1,8 @@
 """Independence prior (minseg.methods.independence): background patches never touch a box, the area penalty and
-connected components against hand-made cases and an independent flood fill, training steps and state round trips
+connected components against hand-made cases and an independent flood fill, shape scores of seeds vs blobs, training steps and state round trips
 of both applications, run() end to end on shapes and on the CUB layout, run_hoc() on the built-in cluster picture."""
 import json
+import math
 from collections import deque
 
 import pytest
@@ -10,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from minseg.data.base import SegmentationSet
-from minseg.methods.hoc import (HOC_PRESETS, ClusterConfig, ClusterGAN, HOCSchedule, connected_components,
-                                count_components, cut_patches, instance_sizes, run_hoc)
+from minseg.methods.hoc import (HOC_PRESETS, ClusterConfig, ClusterGAN, HOCSchedule, best_shape_iou,
+                                connected_components, count_components, cut_patches, elongation, instance_sizes,
+                                run_hoc, shape_scores, shape_templates)
 from minseg.methods.independence import (PRESETS, ForegroundCarver, IndependenceConfig, PatchPool, Schedule,
                                          area_penalty, background_pool, load_background_set, make_schedule,
                                          outside_box_windows, run)
@@ -139,6 +141,50 @@ def test_cut_patches_and_instance_sizes():
     assert instance_sizes(masks) == (5, 8.0)
 
 
+def ellipse(size, cx, cy, a, b, angle=0.0):
+    """(size, size) bool ellipse with half-axes a, b (px) turned by angle (radians), drawn independently."""
+    i = torch.arange(size, dtype=torch.float64) + 0.5
+    dy, dx = i[:, None] - cy, i[None] - cx
+    u = math.cos(angle) * dx + math.sin(angle) * dy
+    v = -math.sin(angle) * dx + math.cos(angle) * dy
+    return (u / a) ** 2 + (v / b) ** 2 < 1
+
+
+def test_elongation_of_disks_and_ellipses():
+    masks = torch.stack([ellipse(64, 32, 32, 12, 12), ellipse(64, 30, 33, 16, 8, 0.7), torch.zeros(64, 64, dtype=torch.bool)])
+    e = elongation(masks)
+    assert e[0] == pytest.approx(1.0, abs=0.03) and e[1] == pytest.approx(2.0, abs=0.08) and torch.isnan(e[2])
+
+
+@settings(max_examples=20, deadline=None)
+@given(dx=st.integers(-8, 8), dy=st.integers(-8, 8), angle=st.floats(0, 3.1))
+def test_shape_iou_ignores_position_and_finds_a_turned_template(dx, dy, angle):
+    picture = torch.stack([ellipse(96, 30, 30, 12, 6), ellipse(96, 66, 66, 9, 9)])  # one seed-like, one round
+    templates = shape_templates(picture, window=48, size=32, top=2, angles=24)
+    assert templates.shape == (2 * 2 * 24, 32, 32)
+    seed = ellipse(32, 16, 16, 8, 4, angle)  # the first instance at patch scale (48 px -> 32 px), turned
+    moved = torch.roll(seed, (dy, dx), (0, 1))
+    here, there = best_shape_iou(torch.stack([seed, moved]), templates)
+    assert here == pytest.approx(there.item(), abs=1e-6) and here > 0.8  # turned templates every 15 deg
+    disk = ellipse(32, 16, 16, 6, 6)
+    # rows: the ellipse's 24 turns, the disk's 24, then both mirrored
+    assert best_shape_iou(disk[None], templates[:24]).item() < 0.75 < best_shape_iou(disk[None], templates[24:48]).item()
+    assert best_shape_iou(torch.zeros(1, 32, 32, dtype=torch.bool), templates).item() == 0
+
+
+def test_shape_scores_tell_a_seed_from_a_blob():
+    from minseg.data.cluster import make_cluster_image
+    _, masks = make_cluster_image(128, seed=0, kind="seeds")
+    extent, _ = instance_sizes(masks)
+    window = round(1.5 * extent)
+    templates = shape_templates(masks, window, 32)
+    seeds = templates[5::24][:8].float()  # true shapes as "generated" layers
+    blobs = ellipse(32, 16, 16, 6, 6)[None].float().expand(8, -1, -1)
+    good, bad = shape_scores(seeds, masks, window, 32), shape_scores(blobs, masks, window, 32)
+    assert good["shape_iou"] == pytest.approx(1.0) and good["elongation"] > 1.5 > bad["elongation"]
+    assert bad["shape_iou"] < good["shape_iou_true"] and good["shape_iou_disk"] < good["shape_iou_true"]
+
+
 def tiny_carver(size=32, seed=0):
     torch.manual_seed(seed)
     cfg = IndependenceConfig(size=size, seg_width=4, seg_depth=2, disc_width=4)
@@ -257,4 +303,5 @@ def test_run_hoc_on_the_builtin_cluster_picture(tmp_path):
     shares = results["one_instance"] + results["no_instance"] + results["several_instances"]
     assert shares == pytest.approx(1.0) and results["true_area_px"] > 0
     assert scores["mask_area_px"] == pytest.approx(results["mask_area_px"])
+    assert 0 <= results["shape_iou"] <= 1 and results["shape_iou_disk"] < results["shape_iou_true"] <= 1
     assert (tmp_path / "instances.png").exists() and list((tmp_path / "samples").glob("hoc-*.png"))
