@@ -1,6 +1,7 @@
 """Independence prior (minseg.methods.independence): background patches never touch a box, the area penalty and
-connected components against hand-made cases and an independent flood fill, shape scores of seeds vs blobs, training steps and state round trips
-of both applications, run() end to end on shapes and on the CUB layout, run_hoc() on the built-in cluster picture."""
+connected components against hand-made cases and an independent flood fill, shape scores of seeds vs blobs,
+training steps and state round trips of both applications, run() end to end on shapes and on the CUB layout,
+run_hoc() on the built-in cluster picture."""
 import json
 import math
 from collections import deque
