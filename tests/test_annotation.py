@@ -39,6 +39,11 @@ def test_generator_features_have_the_expected_shapes():
     image, features = layered(latents)
     assert set(latents) == {"z", "c"} and image.shape == (3, 3, 32, 32)
     assert [f.shape[-1] for f in features] == [8, 16, 32]
+    assert [f.shape[1] for f in features] == [2 * 16, 2 * 8, 2 * 4]  # fg trunk and bg branch, side by side
+    with torch.no_grad():  # the background drawn while collecting features is the branch's own output
+        out = layered.net(latents["z"], latents["c"], return_features=True)
+        torch.testing.assert_close(out["background"], layered.net.background(latents["z"]))
+        torch.testing.assert_close(out["features"][-1][:, 4:], layered.net.background[0](latents["z"]))
 
 
 def test_an_ilsgan_checkpoint_is_accepted(tmp_path, capsys):

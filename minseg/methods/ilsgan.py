@@ -92,9 +92,14 @@ class LayeredGenerator(nn.Module):
 
     def forward(self, z, c, return_features=False):
         c_sup = c // self.cfg.group_size
-        background = self.background(z)  # (B, 3, S, S)
+        branch, to_rgb = self.background[0], self.background[1:]
+        features, bg_features = [], []
+        h = branch[0](z)
+        for block in branch[1:]:
+            h = block(h)
+            bg_features.append(h)
+        background = to_rgb(h)  # (B, 3, S, S)
         trunk_in = torch.cat([z, F.one_hot(c_sup, self.cfg.num_super).to(z)], 1)
-        features = []
         h = self.trunk[0](trunk_in)
         for block in self.trunk[1:]:
             h = block(h)
@@ -103,8 +108,8 @@ class LayeredGenerator(nn.Module):
         code_map = F.one_hot(c, self.cfg.num_codes).to(z)[:, :, None, None].expand(-1, -1, *h.shape[2:])
         foreground = self.colour(torch.cat([h, code_map], 1))  # (B, 3, S, S)
         out = dict(background=background, foreground=foreground, mask_logits=mask_logits, mask=torch.sigmoid(mask_logits))
-        if return_features:
-            out["features"] = features  # multi-resolution trunk features (GAN annotation)
+        if return_features:  # GAN annotation: both branches' features at each resolution, coarse to fine
+            out["features"] = [torch.cat(pair, 1) for pair in zip(features, bg_features)]  # (B, 2 C_i, H_i, W_i)
         return out
 
 
