@@ -4,7 +4,8 @@ section 2): instance appearances and soft masks learned from one picture of a ho
 `ClusterGAN` / `run_hoc`: N layers from one shared deconv generator with independent z, random translations (the
 paper's pad-and-crop) through `minseg.ops.composite`, recursive composition over real patches with a black disk in
 the centre, the mask-area penalty, and an InfoGAN term that keeps z recoverable from each layer. Scored by the share
-of generated layers holding exactly one instance (connected components of the thresholded mask) and their area.
+of generated layers holding exactly one instance (connected components of the thresholded mask), their area, and
+how much their shapes look like the true instances' (`shape_scores`).
 The losses, patch pool and patch discriminator are application 1's, in `minseg/methods/independence.py`.
 """
 
@@ -268,6 +269,8 @@ def shape_scores(alphas, instance_masks, window, size, angles=24):
     mean elongation of the generated and the true shapes (seeds ~1.9, a blob ~1)."""
     templates = shape_templates(instance_masks, window, size, angles=angles)  # (2 T angles, S, S)
     T = len(templates) // (2 * angles)
+    if T < 2:
+        return {}  # fewer than two whole instances: nothing to compare shapes with
     upright = templates[:T * angles:angles]  # each instance at angle 0, not mirrored: (T, S, S)
     a, b = upright.flatten(1).float(), templates.flatten(1).float()
     inter = a @ b.T  # (T, K)
@@ -348,8 +351,8 @@ def run_hoc(cfg, image, out_dir, instance_masks=None, schedule=None, device="cpu
                   save_state, schedule.tick_images, schedule.snapshot_images, progress=progress, desc="hoc")
     if not distributed.is_main():
         return {}  # under torchrun, rank 0 alone scores the layers and writes the results
-    scores = {**instance_scores(method, schedule.eval_layers, instance_masks=instance_masks, window=window), **true, "window_px": window, "patch_px": cfg.size,
-              "patches": len(pool), "skipped_steps": method.skipped_steps}
+    scores = {**instance_scores(method, schedule.eval_layers, instance_masks=instance_masks, window=window), **true,
+              "window_px": window, "patch_px": cfg.size, "patches": len(pool), "skipped_steps": method.skipped_steps}
     gen = torch.Generator(device=method.device).manual_seed(seed)
     z = torch.randn(12, cfg.num_layers, cfg.z_dim, device=method.device, generator=gen)
     with torch.no_grad():
