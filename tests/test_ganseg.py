@@ -109,6 +109,8 @@ def test_concentration_and_area_losses_by_hand():
     heat = torch.exp(-((grid[None] - centres[0, :, None, None]) ** 2).sum(-1) / sigmas[0, :, None, None] ** 2)
     expected = sum(max(0.0, heat[k].sum().item() - masks[0, k + 1].sum().item()) for k in range(2))
     assert area_loss(masks, centres, sigmas).item() == pytest.approx(expected, rel=1e-5)
+    # counted in px of a 32 px image: 16 of them per px of this 8 px one
+    assert area_loss(masks, centres, sigmas, reference_size=32).item() == pytest.approx(16 * expected, rel=1e-5)
     masks[0, 1:] = 1  # masks far larger than the heatmaps: no penalty
     assert area_loss(masks, centres, sigmas).item() == 0.0
 

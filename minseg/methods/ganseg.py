@@ -48,6 +48,7 @@ class GANSegConfig:
     fixed_sigma: float | None = None       # ablation F.2: one sigma for all parts instead of the points' spread
     lambda_con: float = 10.0               # C_con * K with C_con 1.25 (F.4); 0 = ablation "no concentration loss"
     lambda_area: float = 1.0               # 0 = ablation "no area loss"
+    area_reference_size: int | None = 128  # area loss in px of a 128 px image (the paper's): same balance at any size
     penalty_every: int = 2                 # concentration + area on every 2nd G step (*code*)
     gp_weight: float = 10.0
     gp_every: int = 16                     # lazy gradient penalty: every 16th D step, weight as is (*code*)
@@ -67,6 +68,8 @@ class GANSegConfig:
                              f"mask_width must be even, got {self.mask_width}")
         if self.n_per < 2 and self.fixed_sigma is None:
             raise ValueError(f"n_per={self.n_per} has no spread to take sigma from: use n_per >= 2 or set fixed_sigma")
+        if self.area_reference_size is not None and self.area_reference_size < 1:
+            raise ValueError(f"area_reference_size must be a size in px or None, got {self.area_reference_size}")
         if self.num_parts < 1 or self.margin < 0:
             raise ValueError(f"num_parts must be >= 1 and margin >= 0, got {self.num_parts}, {self.margin}")
 
@@ -213,10 +216,15 @@ def concentration_loss(masks, centres):
     return (weights * dist).sum((1, 2, 3)).mean()
 
 
-def area_loss(masks, centres, sigmas):
-    """Eq. 17: sum_k max(0, sum_p H_k(p) - sum_p M_k(p)) (areas in pixels), mean over the batch."""
+def area_loss(masks, centres, sigmas, reference_size=None):
+    """Eq. 17: sum_k max(0, sum_p H_k(p) - sum_p M_k(p)) (areas in pixels), mean over the batch.
+
+    The paper counts pixels of its 128 px images while the concentration loss (eq. 16) is in normalised coordinates,
+    so lambda_area's weight relative to lambda_con grows with the image area. With reference_size, areas are counted
+    in pixels of a reference_size px image, which keeps the paper's balance at any size."""
     heat, _ = part_heatmaps(centres, sigmas, centres.new_zeros(*centres.shape[:2], 1), tuple(masks.shape[-2:]))
-    return F.relu(heat.sum((2, 3)) - masks[:, 1:].sum((2, 3))).sum(1).mean()
+    scale = 1.0 if reference_size is None else reference_size ** 2 / (masks.shape[-2] * masks.shape[-1])
+    return F.relu(heat.sum((2, 3)) - masks[:, 1:].sum((2, 3))).sum(1).mean() * scale
 
 
 class GANSeg:
@@ -270,8 +278,8 @@ class GANSeg:
         out = self.G(**self.G.sample_codes(B, self.device))
         loss_adv = g_logistic_loss(self.D(out["image"]))
         self.D.requires_grad_(True)
-        loss_con, loss_area = concentration_loss(out["masks"], out["centres"]), area_loss(out["masks"], out["centres"],
-                                                                                          out["sigmas"])
+        loss_con = concentration_loss(out["masks"], out["centres"])
+        loss_area = area_loss(out["masks"], out["centres"], out["sigmas"], cfg.area_reference_size)
         loss_G = loss_adv
         if self.g_steps % cfg.penalty_every == 0:
             loss_G = loss_G + cfg.lambda_con * loss_con + cfg.lambda_area * loss_area
