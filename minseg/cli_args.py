@@ -79,14 +79,18 @@ def output_dir(text):
 
 def check_settings(cls, values):
     """Check `--set` values against the dataclass `cls`'s field defaults: the same kind of value (bool, int, float,
-    tuple of numbers, text), finite numbers, ints >= 1 (margins >= 0), schedule numbers positive. Returns the values
-    (lists as tuples); a ValueError names the setting and what it expects."""
+    tuple of numbers, text; None where the field's type allows it), finite numbers, ints >= 1 (margins >= 0), schedule
+    numbers positive. Returns the values (lists as tuples); a ValueError names the setting and what it expects."""
     import dataclasses
     import math
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    optional = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}  # e.g. `int | None = 128`
     out = {}
     for name, value in values.items():
         default = defaults[name]
+        if value is None and name in optional:
+            out[name] = None
+            continue
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
 
         def bad(expected):

@@ -33,11 +33,21 @@ def error_of(argv, capsys):
     (["--set", "lr=nan"], "--set lr='nan': expected a finite number"),
     (["--set", "tick_images=0"], "--set tick_images=0: expected an integer >= 1"),
     (["--set", "nonsense=1"], "--set nonsense: no such setting"),
+    (["--set", "gen_width=None"], "--set gen_width=None: expected an integer"),  # None only where the type allows it
     (["--size", "48"], "size must be a power of two >= 8"),
     (["--method", "independence", "--size", "40"], "size must be a multiple of 16"),
 ])
 def test_bad_method_arguments_name_what_to_fix(args, message, capsys, tmp_path):
     assert message in error_of(["shapes", *TINY, "--out", str(tmp_path / "run"), *args], capsys)
+
+
+def test_none_is_accepted_where_the_field_allows_it():
+    from minseg.cli_args import check_settings
+    from minseg.methods.ganseg import GANSegConfig
+    assert check_settings(GANSegConfig, {"area_reference_size": None, "fixed_sigma": None}) == {
+        "area_reference_size": None, "fixed_sigma": None}
+    with pytest.raises(ValueError, match="lambda_con=None: expected a finite number"):
+        check_settings(GANSegConfig, {"lambda_con": None})
 
 
 def test_bad_paths(capsys, tmp_path):
