@@ -53,7 +53,7 @@ class FrozenGenerator:
 
     @torch.no_grad()
     def __call__(self, latents):
-        if self.layered:  # ILSGAN: unperturbed composition m f + (1 - m) b (its eq. 2), features of the fg trunk
+        if self.layered:  # ILSGAN: unperturbed composition m f + (1 - m) b (its eq. 2), fg trunk + bg branch features
             out = self.net(latents["z"], latents["c"], return_features=True)
             image = out["mask"] * out["foreground"] + (1 - out["mask"]) * out["background"]
         else:
