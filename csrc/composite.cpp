@@ -1,5 +1,5 @@
 // Op A, warp-and-composite: registration of minseg::composite and minseg::composite_backward, input checks,
-// and dispatch to the CPU kernels (composite_cpu.h) or, WITH_CUDA, to the CUDA kernels of composite_cuda.cu,
+// and dispatch to the CPU kernels (composite_cpu.h, composite_cpu_backward.h) or, WITH_CUDA, to the CUDA kernels of composite_cuda.cu,
 // reached through plain launchers with the current stream. Autograd and fake (meta) implementations are
 // registered from Python (minseg/ops/composite.py).
 //
@@ -31,6 +31,7 @@
 
 #include "composite.h"
 #include "composite_cpu.h"
+#include "composite_cpu_backward.h"
 
 namespace minseg {
 namespace {
