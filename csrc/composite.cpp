@@ -1,7 +1,7 @@
 // Op A, warp-and-composite: registration of minseg::composite and minseg::composite_backward, input checks,
 // and dispatch to the CPU kernels (composite_cpu.h, composite_cpu_backward.h) or, WITH_CUDA, to the CUDA kernels
-// of composite_cuda.cu, reached through plain launchers with the current stream. Autograd and fake (meta) implementations are
-// registered from Python (minseg/ops/composite.py).
+// of composite_cuda.cu, reached through plain launchers with the current stream. Autograd and fake (meta)
+// implementations are registered from Python (minseg/ops/composite.py).
 //
 // Backward (see composite.h): one pass over output pixels computes two scalars per layer (c_i, e_i) from a
 // forward sweep of scalar prefixes and a backward sweep of suffix products. With a warp, the layer gradients
