@@ -74,8 +74,13 @@ def init(device="cpu", timeout_s=None):
 
 
 def shutdown():
+    """Leave the process group. All ranks meet at a barrier first: a rank that tears gloo down while another is
+    still finishing its last collective can abort the other ("terminate called without an active exception")."""
     if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
 
 
 def broadcast_modules(modules):
