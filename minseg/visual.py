@@ -120,6 +120,9 @@ def plot_curve(curve_json):
     ious = lambda route, n: [r["iou"] for r in runs if (r["route"], r["n"]) == (route, n)]
     series = {name: (ns, [float(np.mean(ious(route, n))) for n in ns], [float(np.std(ious(route, n))) for n in ns])
               for name, route in (("decoder on N generated", "decoder"), ("N real labels", "real"))}
+    ceiling = [r["iou"] for r in runs if r["route"] == "oracle-labelled"]
+    if ceiling:  # flat: the decoder route's ceiling does not depend on N
+        series["oracle labels every sample"] = (ns, [float(np.mean(ceiling))] * len(ns), None)
     return plot_curves(series, Path(curve_json).with_name("curve.png"), "annotated images N", "test foreground IoU",
                        saved.get("data", Path(curve_json).parent.name))
 

@@ -139,10 +139,12 @@ def test_curve_runs_tiny_end_to_end(checkpoint, tmp_path):
                  "--steps", "2", "--decoder-steps", "3", "--synthetic", "8", "--oracle-steps", "2", "--width", "4",
                  "--limit", "16", "--test-limit", "8", "--batch-size", "4", "--out", str(out)]) == 0
     results = json.loads((out / "curve.json").read_text())
-    assert results["ns"] == [1, 2] and len(results["runs"]) == 8  # 2 seeds x 2 N x 2 routes
-    assert {(r["route"], r["n"]) for r in results["runs"]} == {(a, n) for a in ("decoder", "real") for n in (1, 2)}
+    assert results["ns"] == [1, 2] and len(results["runs"]) == 10  # 2 seeds x (2 N x 2 routes + the ceiling)
+    assert {(r["route"], r["n"]) for r in results["runs"]} == {(a, n) for a in ("decoder", "real") for n in (1, 2)} | {
+        ("oracle-labelled", None)}
     table = (out / "curve.md").read_text()
     assert "| 1 |" in table and "oracle: all 16 real" in table and (out / "oracle.pt").is_file()
+    assert "| ceiling: oracle labels the synthetic set |" in table
     assert main(["annotate", "curve", "shapes", "--checkpoint", str(checkpoint), "--ns", "0,x"]) == 2
     (out / "curve.png").unlink(missing_ok=True)
     if importlib.util.find_spec("matplotlib") is not None:  # an optional extra: `annotate plot` redraws the PNG

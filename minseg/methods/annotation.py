@@ -11,7 +11,8 @@ This file holds
     synthesize                  the synthetic (image, mask) SegmentationSet from generator + decoder
     export / read_annotations   the person's side: PNG samples + latents.pt out, painted masks in
     few_label_curve             N annotated generated samples (labelled by an `oracle` segmenter trained on all
-                                real labels: the paper's LSUN-bedroom proxy for a person) vs N real labels
+                                real labels: the paper's LSUN-bedroom proxy for a person) vs N real labels, and
+                                the route's ceiling (the oracle labels every synthetic sample)
     add_commands                `python run.py annotate gan|export|train|curve ...`
 Deviation from the notes' recipe (Adam 1e-4, batch 1, 24 epochs = 480 steps for 20 samples): Adam 1e-3 on batches
 of up to 8 for 100-300 steps, so that a fit takes seconds on a CPU; it still reaches its training masks (tests).
@@ -141,13 +142,15 @@ def decode(decoder, features, size, batch_size=64):
 
 @torch.no_grad()
 def synthesize(gen, decoder, count, seed=0, batch_size=64, name=""):
-    """`count` generated images with the decoder's masks, as a SegmentationSet (uint8, in memory)."""
+    """`count` generated images with the decoder's masks, as a SegmentationSet (uint8, in memory).
+    decoder: a Decoder, or any callable (images, features) -> (B, S, S) labels (the curve's oracle ceiling)."""
     from minseg.data.base import SegmentationSet
+    label = decoder if not isinstance(decoder, Decoder) else lambda _, features: decode(decoder, features, gen.size)
     g, images, masks = torch.Generator().manual_seed(seed), [], []
     for start in range(0, count, batch_size):
         image, features = gen(gen.sample_latents(min(batch_size, count - start), g))
         images.append(((image.clamp(-1, 1) + 1) * 127.5).round().byte())  # (B, 3, S, S)
-        masks.append(decode(decoder, features, gen.size).byte()[:, None])  # (B, 1, S, S)
+        masks.append(label(image, features).byte()[:, None])  # (B, 1, S, S)
     return SegmentationSet(images=torch.cat(images), masks=torch.cat(masks),
                            protocol=f"synthetic: generator + decoder{name}, {count:,} pairs")
 
@@ -203,6 +206,14 @@ def few_label_curve(gen, oracle, train_set, test_set, ns=(1, 2, 5, 10, 20), seed
     from minseg.metrics import segmentation_scores
     from minseg.nets import build_net
     from minseg.segmenter import evaluate_segmenter, predict, train_segmenter
+
+    def score(source, seed, **row):
+        torch.manual_seed(seed)
+        net = train_segmenter(source, build_net("unet", width=width), steps=steps, lr=lr, batch_size=batch_size,
+                              generator=torch.Generator().manual_seed(seed), progress=progress)
+        scores = evaluate_segmenter(net, test_set)
+        return dict(seed=seed, **row, **{k: scores[k] for k in ("acc", "iou", "miou", "per_image_iou")})
+
     runs = []
     for seed in seeds:
         g = torch.Generator().manual_seed(1000 + seed)
@@ -214,17 +225,16 @@ def few_label_curve(gen, oracle, train_set, test_set, ns=(1, 2, 5, 10, 20), seed
             start = time.time()
             decoder = fit_decoder([f[:n] for f in features], labels[:n], decoder_steps, seed=seed)
             agreement = segmentation_scores(decode(decoder, held_features, gen.size), predict(oracle, held_images))
-            sets = {"decoder": synthesize(gen, decoder, synthetic, seed=seed), "real": train_set.subset(real_order[:n])}
-            for route, source in sets.items():
-                torch.manual_seed(seed)
-                net = train_segmenter(source, build_net("unet", width=width), steps=steps, lr=lr, batch_size=batch_size,
-                                      generator=torch.Generator().manual_seed(seed), progress=progress)
-                scores = evaluate_segmenter(net, test_set)
-                runs.append(dict(seed=seed, n=n, route=route, acc=scores["acc"], iou=scores["iou"],
-                                 miou=scores["miou"], per_image_iou=scores["per_image_iou"],
-                                 decoder_vs_oracle_iou=agreement["iou"] if route == "decoder" else None))
+            runs.append(score(synthesize(gen, decoder, synthetic, seed=seed), seed, n=n, route="decoder",
+                              decoder_vs_oracle_iou=agreement["iou"]))
+            runs.append(score(train_set.subset(real_order[:n]), seed, n=n, route="real", decoder_vs_oracle_iou=None))
             print(f"seed {seed} N {n}: decoder IoU {runs[-2]['iou']:.3f} (decoder vs oracle {agreement['iou']:.3f}), "
                   f"real IoU {runs[-1]['iou']:.3f}  [{time.time() - start:.0f} s]", flush=True)
+        # the ceiling of the decoder route: a decoder that always agrees with the oracle, i.e. the same synthetic
+        # set labelled by the oracle itself; what is left below it is the generator's fault, not the decoder's
+        ceiling = synthesize(gen, lambda image, _: predict(oracle, image), synthetic, seed=seed)
+        runs.append(score(ceiling, seed, n=None, route="oracle-labelled", decoder_vs_oracle_iou=None))
+        print(f"seed {seed}: every synthetic sample labelled by the oracle: IoU {runs[-1]['iou']:.3f}", flush=True)
     return runs
 
 
@@ -366,6 +376,8 @@ def run_curve(args):
     rows = [dict(N=n, decoder_iou=cell("decoder", n, "iou"), real_iou=cell("real", n, "iou"),
                  decoder_acc=cell("decoder", n, "acc"), real_acc=cell("real", n, "acc"),
                  decoder_vs_oracle_iou=cell("decoder", n, "decoder_vs_oracle_iou")) for n in ns]
+    rows.append(dict(N="ceiling: oracle labels the synthetic set", decoder_iou=cell("oracle-labelled", None, "iou"),
+                     decoder_acc=cell("oracle-labelled", None, "acc")))
     rows.append(dict(N=f"oracle: all {len(train_set):,} real", real_iou=f"{100 * oracle_scores.get('iou', 0):.1f}",
                      real_acc=f"{100 * oracle_scores.get('acc', 0):.1f}"))
     settings = dict(steps=args.steps, width=args.width, batch_size=bs, decoder_steps=args.decoder_steps,
