@@ -9,14 +9,19 @@ import copy
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
 
 def orthogonal_init(module):
-    """Orthogonal weights, zero biases for every conv/linear layer (ILSGAN appendix A)."""
+    """Orthogonal weights, zero biases for every conv/linear layer (ILSGAN appendix A).
+
+    A spectrally normalised layer's `weight` is recomputed from `parametrizations.weight.original` on every
+    access, so initialising `weight` in place would change nothing: the original is what gets initialised."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
-            nn.init.orthogonal_(m.weight)
+            parametrized = parametrize.is_parametrized(m, "weight")
+            nn.init.orthogonal_(m.parametrizations.weight.original if parametrized else m.weight)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return module
