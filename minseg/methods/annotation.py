@@ -206,7 +206,6 @@ def few_label_curve(gen, oracle, train_set, test_set, ns=(1, 2, 5, 10, 20), seed
     from minseg.metrics import segmentation_scores
     from minseg.nets import build_net
     from minseg.segmenter import evaluate_segmenter, predict, train_segmenter
-
     def score(source, seed, **row):
         torch.manual_seed(seed)
         net = train_segmenter(source, build_net("unet", width=width), steps=steps, lr=lr, batch_size=batch_size,
