@@ -206,6 +206,7 @@ def few_label_curve(gen, oracle, train_set, test_set, ns=(1, 2, 5, 10, 20), seed
     from minseg.metrics import segmentation_scores
     from minseg.nets import build_net
     from minseg.segmenter import evaluate_segmenter, predict, train_segmenter
+
     def score(source, seed, **row):
         torch.manual_seed(seed)
         net = train_segmenter(source, build_net("unet", width=width), steps=steps, lr=lr, batch_size=batch_size,
@@ -229,8 +230,7 @@ def few_label_curve(gen, oracle, train_set, test_set, ns=(1, 2, 5, 10, 20), seed
             runs.append(score(train_set.subset(real_order[:n]), seed, n=n, route="real", decoder_vs_oracle_iou=None))
             print(f"seed {seed} N {n}: decoder IoU {runs[-2]['iou']:.3f} (decoder vs oracle {agreement['iou']:.3f}), "
                   f"real IoU {runs[-1]['iou']:.3f}  [{time.time() - start:.0f} s]", flush=True)
-        # the ceiling of the decoder route: a decoder that always agrees with the oracle, i.e. the same synthetic
-        # set labelled by the oracle itself; what is left below it is the generator's fault, not the decoder's
+        # the route's ceiling: the same synthetic set labelled by the oracle itself, a decoder that never errs
         ceiling = synthesize(gen, lambda image, _: predict(oracle, image), synthetic, seed=seed)
         runs.append(score(ceiling, seed, n=None, route="oracle-labelled", decoder_vs_oracle_iou=None))
         print(f"seed {seed}: every synthetic sample labelled by the oracle: IoU {runs[-1]['iou']:.3f}", flush=True)
