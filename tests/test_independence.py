@@ -219,6 +219,35 @@ def test_train_steps_finite_and_state_round_trip(make, tmp_path):
         torch.testing.assert_close(ours["exp_avg_sq"], theirs["exp_avg_sq"])
 
 
+def test_teacher_ema_averages_S_and_survives_a_checkpoint():
+    def carver(seed=0, teacher_ema=0.9):
+        torch.manual_seed(seed)
+        cfg = IndependenceConfig(size=32, seg_width=4, seg_depth=2, disc_width=4, teacher_ema=teacher_ema)
+        return ForegroundCarver(cfg, PatchPool((torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)),
+                                torch.rand(3, 3, 32, 32) * 2 - 1)
+    plain, method = carver(teacher_ema=0.0), carver()
+    assert plain.teacher() is plain.S
+    average = [p.detach().clone() for p in method.S.parameters()]
+    for n in range(30):
+        method.train_step({"image": torch.rand(4, 3, 32, 32) * 2 - 1})
+        decay = min(0.9, (1 + n) / (10 + n))  # the ramped decay, recomputed by hand
+        average = [decay * a + (1 - decay) * p.detach() for a, p in zip(average, method.S.parameters())]
+    teacher = method.teacher()
+    assert teacher is method.S_ema.net and not teacher.training
+    for a, q, p in zip(average, teacher.parameters(), method.S.parameters()):
+        torch.testing.assert_close(q, a)
+    assert any(not torch.equal(q, p) for q, p in zip(teacher.parameters(), method.S.parameters()))
+    clone = carver(seed=1)
+    clone.load_state_dict(method.state_dict())
+    assert clone.S_ema.updates == 30
+    for a, b in zip(teacher.state_dict().values(), clone.teacher().state_dict().values()):
+        torch.testing.assert_close(a, b)
+    old = carver(seed=2)  # a checkpoint written without the average starts it from S
+    old.load_state_dict(plain.state_dict())
+    for a, b in zip(plain.S.state_dict().values(), old.teacher().state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
 def test_cluster_layers_are_translated_and_composited():
     method = tiny_cluster_gan()
     method.cfg.shift_frac = 0.0  # no layout warp: warped alphas are the provider's alphas

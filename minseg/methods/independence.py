@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from minseg.data.transforms import hflip
 from minseg.nets import build_net
-from minseg.nets.blocks import d_logistic_loss, downsampling_trunk, g_logistic_loss, sn_conv
+from minseg.nets.blocks import EMA, d_logistic_loss, downsampling_trunk, g_logistic_loss, sn_conv
 from minseg.ops import composite
 from minseg.train import guarded_step
 from minseg.visual import save_grid
@@ -155,6 +155,7 @@ class IndependenceConfig:
     bg_per_image: int = 2               # background patches cut per training picture
     bg_side_frac: tuple = (0.25, 0.5)   # patch width / height as fractions of the whole picture's side
     bg_margin: int = 1                  # px kept clear around each box
+    teacher_ema: float = 0.0            # > 0: the teacher is an EMA of S with this decay per step (not in the paper)
 
     def __post_init__(self):
         if self.size % 16 or self.size < 32:
@@ -179,6 +180,7 @@ class ForegroundCarver:
         self.D = PatchDiscriminator(cfg.size, cfg.disc_width, 4 * cfg.disc_width).to(self.device)
         self.opt_S = torch.optim.Adam(self.S.parameters(), cfg.lr_S, betas=cfg.betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), cfg.lr_D, betas=cfg.betas)
+        self.S_ema = EMA(self.S, cfg.teacher_ema) if cfg.teacher_ema > 0 else None
         self.preview = preview  # (n, 3, S, S) real crops for snapshots
         self.skipped_steps = 0
 
@@ -198,6 +200,8 @@ class ForegroundCarver:
         loss_area = area_penalty(mask[:, None], cfg.area_target)
         ok_S = optimizer_step(self.opt_S, loss_adv + cfg.area_weight * loss_area)
         self.skipped_steps += (not ok_D) + (not ok_S)
+        if self.S_ema is not None:
+            self.S_ema.update(self.S)
         return dict(loss_D=loss_D.item(), loss_G=loss_adv.item(), loss_area=loss_area.item(),
                     mask_mean=mask.mean().item(), skipped=float(not (ok_D and ok_S)))
 
@@ -219,7 +223,8 @@ class ForegroundCarver:
 
     def state_dict(self):
         return {"S": self.S.state_dict(), "D": self.D.state_dict(), "opt_S": self.opt_S.state_dict(),
-                "opt_D": self.opt_D.state_dict(), "skipped_steps": self.skipped_steps}
+                "opt_D": self.opt_D.state_dict(), "skipped_steps": self.skipped_steps,
+                **({"S_ema": self.S_ema.net.state_dict(), "ema_updates": self.S_ema.updates} if self.S_ema else {})}
 
     def load_state_dict(self, state):
         self.S.load_state_dict(state["S"])
@@ -227,6 +232,13 @@ class ForegroundCarver:
         self.opt_S.load_state_dict(state["opt_S"])
         self.opt_D.load_state_dict(state["opt_D"])
         self.skipped_steps = int(state["skipped_steps"])
+        if self.S_ema is not None:  # a checkpoint from a run without the EMA starts it from S
+            self.S_ema.net.load_state_dict(state.get("S_ema", state["S"]))
+            self.S_ema.updates = int(state.get("ema_updates", 0))
+
+    def teacher(self):
+        """The carver that labels the student: S itself, or its moving average when `teacher_ema` > 0."""
+        return (self.S_ema.net if self.S_ema is not None else self.S).eval().requires_grad_(False)
 
 
 def distillation_pairs(teacher, real_batches, backgrounds):
@@ -302,7 +314,7 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
     if not distributed.is_main():
         return {}  # under torchrun, rank 0 alone distils the student and scores both
 
-    teacher = method.S.eval().requires_grad_(False)
+    teacher = method.teacher()
     save_segmenter(out_dir / "teacher.pt", teacher, {"method": "independence-teacher", "size": cfg.size})
     show_predictions(teacher, test_set, out_dir / "teacher-predictions.png", device)
     raw = evaluate_segmenter(teacher, test_set)
@@ -311,6 +323,9 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
                                backgrounds)
     extra = {"teacher_acc": raw["acc"], "teacher_iou": raw["iou"], "teacher_miou": raw["miou"],
              "bg_patches": len(patches), "skipped_steps": method.skipped_steps}
+    if method.S_ema is not None:  # S's last iterate too, to see what the average bought
+        last = evaluate_segmenter(method.S.eval(), test_set)
+        extra.update(last_S_iou=last["iou"], last_S_miou=last["miou"])
     _, distilled = finish("independence", pair_stream(pairs, schedule.batch_size), test_set, out_dir, net=student,
                           steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
                           device=device, extra=extra, progress=progress)
