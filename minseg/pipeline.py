@@ -18,7 +18,7 @@ def pair_stream(sample_fn, batch_size):
 
 
 def finish(name, pairs, test_set, out_dir, net="unet", num_classes=1, steps=2000, loss="bce", lr=1e-3,
-           batch_size=32, device="cpu", extra=None, more_scores=None, progress=True):
+           batch_size=32, device="cpu", extra=None, more_scores=None, progress=True, lr_decay="constant"):
     """Train a fresh segmenter on `pairs` (an iterator of batches), score it on `test_set`, write results.
 
     Returns (segmenter, metrics dict). `extra` holds method-specific numbers added to the table (e.g. NMI);
@@ -29,7 +29,8 @@ def finish(name, pairs, test_set, out_dir, net="unet", num_classes=1, steps=2000
     out_dir = Path(out_dir)
     start = time.time()
     segmenter = train_segmenter(pairs, net=net, num_classes=num_classes, steps=steps, lr=lr, batch_size=batch_size,
-                                loss=loss, device=device, progress=progress, log_path=out_dir / "segmenter.jsonl")
+                                loss=loss, device=device, progress=progress, log_path=out_dir / "segmenter.jsonl",
+                                lr_decay=lr_decay)
     metrics = evaluate_segmenter(segmenter, test_set)
     metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, torch.Tensor))}
     metrics.update(extra or {})

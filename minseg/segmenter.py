@@ -26,6 +26,7 @@ from minseg.metrics import SegmentationMeter
 from minseg.nets import NETS, build_net
 
 LOSSES = ("bce", "ce_dice", "smooth_l1")
+LR_DECAYS = ("constant", "cosine")
 
 
 def batch_source(batches, batch_size, generator=None, device="cpu"):
@@ -80,7 +81,8 @@ def segmentation_loss(logits, batch, loss):
 
 
 def train_segmenter(batches, net=None, num_classes=None, steps=2000, lr=1e-3, batch_size=32, colour_jitter=True,
-                    loss="bce", progress=True, log_path=None, device="cpu", generator=None, log_every=50):
+                    loss="bce", progress=True, log_path=None, device="cpu", generator=None, log_every=50,
+                    lr_decay="constant"):
     """Train a segmenter with Adam for `steps` steps; returns it in eval mode.
 
     net: a minseg.nets module, or a kind ("unet" | "deeplab"; None = "unet") built with its defaults and
@@ -97,6 +99,8 @@ def train_segmenter(batches, net=None, num_classes=None, steps=2000, lr=1e-3, ba
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
+    if lr_decay not in LR_DECAYS:
+        raise ValueError(f"lr_decay must be one of {LR_DECAYS}, got {lr_decay!r}")
     if net is None or isinstance(net, str):
         net = build_net(net or "unet", num_classes=num_classes or 1)
     elif num_classes is not None and num_classes != net.num_classes:
@@ -104,6 +108,7 @@ def train_segmenter(batches, net=None, num_classes=None, steps=2000, lr=1e-3, ba
     net = net.to(device).train()
     source = batch_source(batches, batch_size, generator, device)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps) if lr_decay == "cosine" else None
     log = open(log_path, "w") if log_path else None
     start, running, count = time.time(), 0.0, 0
     bar = tqdm(range(1, steps + 1), desc="segmenter", disable=not progress, dynamic_ncols=True)
@@ -119,6 +124,8 @@ def train_segmenter(batches, net=None, num_classes=None, steps=2000, lr=1e-3, ba
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             optimizer.step()
+            if decay is not None:
+                decay.step()
             running, count = running + value.item(), count + 1
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{running / count:.4f}")

@@ -126,18 +126,23 @@ def setting_differences(saved, current):
 
 def check_resumable(saved, config, schedule, path):
     """Raise ValueError naming every config / schedule field that differs from the checkpoint's, except schedule
-    lengths (LENGTH_FIELDS, *_images, *_steps), which may change to shorten or extend a run: those are printed."""
+    lengths (LENGTH_FIELDS, *_images, *_steps), which may change to shorten or extend a run, and fields the
+    checkpoint does not have (added to minseg since): those are printed."""
     config_diff = setting_differences(saved.get("config", config), config)
     schedule_diff = setting_differences(saved.get("schedule", schedule), schedule)
     lengths = {k: v for k, v in schedule_diff.items() if is_length_field(k)}
-    wrong = [("config", k, v) for k, v in config_diff.items()]
-    wrong += [("schedule", k, v) for k, v in schedule_diff.items() if k not in lengths]
+    added = {k: v for k, v in {**config_diff, **schedule_diff}.items() if v[0] == "<missing>"}
+    wrong = [("config", k, v) for k, v in config_diff.items() if k not in added]
+    wrong += [("schedule", k, v) for k, v in schedule_diff.items() if k not in lengths and k not in added]
     if wrong:
         listing = "; ".join(f"{kind} {k}: {old!r} in the checkpoint, {new!r} now" for kind, k, (old, new) in wrong)
         fix = " ".join("--set " + shlex.quote(f"{k}={old!r}") for _, k, (old, _) in wrong if old != "<missing>")
         raise ValueError(f"--resume: {path} was written with other settings: {listing}. Resume with the "
                          f"checkpoint's settings ({fix or 'as it was started'}), or start a fresh run without "
                          "--resume or in another --out")
+    if added:  # fields minseg gained after the checkpoint was written: the run goes on with their values now
+        print("--resume: settings newer than the checkpoint, used as they are now: "
+              + ", ".join(f"{k}={new!r}" for k, (_, new) in added.items()))
     if lengths:
         print("--resume: schedule lengths differ from the checkpoint's (the run continues to the new ones): "
               + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in lengths.items()))

@@ -265,6 +265,8 @@ def test_bad_configs_and_inputs_raise(tmp_path):
         ClusterConfig(size=48)
     with pytest.raises(ValueError, match="schedule"):
         make_schedule("nope", "shapes")
+    with pytest.raises(ValueError, match="distill_lr_decay must be one of"):
+        make_schedule("quick", "shapes", distill_lr_decay="step")
     for preset in PRESETS.values():
         IndependenceConfig(**preset)
     for preset in HOC_PRESETS.values():

@@ -1,5 +1,7 @@
 """Segmenter nets, training, prediction, scoring, checkpoints and the eval / supervised command line."""
+import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -80,6 +82,30 @@ def test_tiny_training_learns_a_separable_task(kind, num_classes, loss, steps, l
         assert (pred[test["parts"] > 0] == test["parts"][test["parts"] > 0]).float().mean() > 0.9
     lines = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["step"] for r in lines] == list(range(20, steps + 1, 20)) and lines[-1]["loss"] < lines[0]["loss"]
+
+
+def test_cosine_lr_decay_matches_a_hand_written_loop():
+    torch.manual_seed(0)
+    net = build_net("unet", width=4, depth=2)
+    batches = [toy_batches(4, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    ours = train_segmenter(iter(batches), copy.deepcopy(net), steps=6, lr=1e-2, colour_jitter=False,
+                           lr_decay="cosine", progress=False)
+    theirs = copy.deepcopy(net).train()
+    optimizer = torch.optim.Adam(theirs.parameters(), lr=1e-2)
+    for t, batch in enumerate(batches):  # lr_t = lr (1 + cos(pi t / T)) / 2, T = 6 steps
+        for group in optimizer.param_groups:
+            group["lr"] = 1e-2 * (1 + math.cos(math.pi * t / 6)) / 2
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(theirs(batch["image"]), batch["mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for a, b in zip(ours.state_dict().values(), theirs.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    constant = train_segmenter(iter(batches), copy.deepcopy(net), steps=6, lr=1e-2, colour_jitter=False,
+                               progress=False)
+    assert any(not torch.equal(a, b) for a, b in zip(constant.parameters(), ours.parameters()))
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        train_segmenter(iter(batches), net, steps=1, lr_decay="linear")
 
 
 def test_losses_match_their_definitions():

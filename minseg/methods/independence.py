@@ -257,9 +257,15 @@ def distillation_pairs(teacher, real_batches, backgrounds):
 class Schedule:
     gan_images: int = 40_000     # real crops seen by D (the paper gives no length)
     distill_steps: int = 1500    # student steps on carved composites
+    distill_lr_decay: str = "cosine"  # the student's lr: "cosine" (to 0 at its last step) or "constant"
     batch_size: int = 32
     tick_images: int = 2_000
     snapshot_images: int = 10_000
+
+    def __post_init__(self):  # checked now, not after the GAN phase
+        from minseg.segmenter import LR_DECAYS
+        if self.distill_lr_decay not in LR_DECAYS:
+            raise ValueError(f"distill_lr_decay must be one of {LR_DECAYS}, got {self.distill_lr_decay!r}")
 
 
 SCHEDULES = {"quick": {}, "paper": dict(gan_images=1_000_000, distill_steps=12_000, tick_images=20_000,
@@ -328,7 +334,7 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
         extra.update(last_S_iou=last["iou"], last_S_miou=last["miou"])
     _, distilled = finish("independence", pair_stream(pairs, schedule.batch_size), test_set, out_dir, net=student,
                           steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
-                          device=device, extra=extra, progress=progress)
+                          device=device, extra=extra, progress=progress, lr_decay=schedule.distill_lr_decay)
     scores = ("acc", "iou", "miou", "per_image_iou", "per_image_acc")
     rows = [dict(run="teacher (adversarial)", **{k: raw[k] for k in scores}),
             dict(run="student (distilled)", **{k: distilled[k] for k in scores})]
