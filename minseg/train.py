@@ -36,6 +36,7 @@ from minseg.distributed import (average_gradients, barrier, broadcast_modules, i
 
 # Schedule fields that only say how long to train (or log): they may change on --resume, e.g. to extend a run.
 LENGTH_FIELDS = ("rounds", "eval_layers")
+MISSING = "<missing>"  # a settings field one side does not have
 
 
 def is_length_field(name):
@@ -118,10 +119,10 @@ def _plain(value):
 
 
 def setting_differences(saved, current):
-    """{name: (saved value, current value)} of the fields that differ between two settings dicts."""
-    missing = "<missing>"
-    return {k: (saved.get(k, missing), current.get(k, missing)) for k in sorted(set(saved) | set(current))
-            if _plain(saved.get(k, missing)) != _plain(current.get(k, missing))}
+    """{name: (saved value, current value)} of the fields that differ between two settings dicts (MISSING where
+    one of them lacks the field)."""
+    return {k: (saved.get(k, MISSING), current.get(k, MISSING)) for k in sorted(set(saved) | set(current))
+            if _plain(saved.get(k, MISSING)) != _plain(current.get(k, MISSING))}
 
 
 def check_resumable(saved, config, schedule, path):
@@ -131,12 +132,12 @@ def check_resumable(saved, config, schedule, path):
     config_diff = setting_differences(saved.get("config", config), config)
     schedule_diff = setting_differences(saved.get("schedule", schedule), schedule)
     lengths = {k: v for k, v in schedule_diff.items() if is_length_field(k)}
-    added = {k: v for k, v in {**config_diff, **schedule_diff}.items() if v[0] == "<missing>"}
+    added = {k: v for k, v in {**config_diff, **schedule_diff}.items() if v[0] == MISSING}
     wrong = [("config", k, v) for k, v in config_diff.items() if k not in added]
     wrong += [("schedule", k, v) for k, v in schedule_diff.items() if k not in lengths and k not in added]
     if wrong:
         listing = "; ".join(f"{kind} {k}: {old!r} in the checkpoint, {new!r} now" for kind, k, (old, new) in wrong)
-        fix = " ".join("--set " + shlex.quote(f"{k}={old!r}") for _, k, (old, _) in wrong if old != "<missing>")
+        fix = " ".join("--set " + shlex.quote(f"{k}={old!r}") for _, k, (old, _) in wrong)
         raise ValueError(f"--resume: {path} was written with other settings: {listing}. Resume with the "
                          f"checkpoint's settings ({fix or 'as it was started'}), or start a fresh run without "
                          "--resume or in another --out")

@@ -186,9 +186,9 @@ def test_shape_scores_tell_a_seed_from_a_blob():
     assert bad["shape_iou"] < good["shape_iou_true"] and good["shape_iou_disk"] < good["shape_iou_true"]
 
 
-def tiny_carver(size=32, seed=0):
+def tiny_carver(size=32, seed=0, **config):
     torch.manual_seed(seed)
-    cfg = IndependenceConfig(size=size, seg_width=4, seg_depth=2, disc_width=4)
+    cfg = IndependenceConfig(size=size, seg_width=4, seg_depth=2, disc_width=4, **config)
     patches = (torch.rand(6, 3, size, size) * 255).to(torch.uint8)
     return ForegroundCarver(cfg, PatchPool(patches), torch.rand(3, 3, size, size) * 2 - 1)
 
@@ -220,12 +220,7 @@ def test_train_steps_finite_and_state_round_trip(make, tmp_path):
 
 
 def test_teacher_ema_averages_S_and_survives_a_checkpoint():
-    def carver(seed=0, teacher_ema=0.9):
-        torch.manual_seed(seed)
-        cfg = IndependenceConfig(size=32, seg_width=4, seg_depth=2, disc_width=4, teacher_ema=teacher_ema)
-        return ForegroundCarver(cfg, PatchPool((torch.rand(6, 3, 32, 32) * 255).to(torch.uint8)),
-                                torch.rand(3, 3, 32, 32) * 2 - 1)
-    plain, method = carver(teacher_ema=0.0), carver()
+    plain, method = tiny_carver(), tiny_carver(teacher_ema=0.9)
     assert plain.teacher() is plain.S
     average = [p.detach().clone() for p in method.S.parameters()]
     for n in range(30):
@@ -237,12 +232,12 @@ def test_teacher_ema_averages_S_and_survives_a_checkpoint():
     for a, q, p in zip(average, teacher.parameters(), method.S.parameters()):
         torch.testing.assert_close(q, a)
     assert any(not torch.equal(q, p) for q, p in zip(teacher.parameters(), method.S.parameters()))
-    clone = carver(seed=1)
+    clone = tiny_carver(seed=1, teacher_ema=0.9)
     clone.load_state_dict(method.state_dict())
     assert clone.S_ema.updates == 30
     for a, b in zip(teacher.state_dict().values(), clone.teacher().state_dict().values()):
         torch.testing.assert_close(a, b)
-    old = carver(seed=2)  # a checkpoint written without the average starts it from S
+    old = tiny_carver(seed=2, teacher_ema=0.9)  # a checkpoint written without the average starts it from S
     old.load_state_dict(plain.state_dict())
     for a, b in zip(plain.S.state_dict().values(), old.teacher().state_dict().values()):
         torch.testing.assert_close(a, b)

@@ -25,6 +25,7 @@ from minseg.data.transforms import hflip
 from minseg.nets import build_net
 from minseg.nets.blocks import EMA, d_logistic_loss, downsampling_trunk, g_logistic_loss, sn_conv
 from minseg.ops import composite
+from minseg.segmenter import LR_DECAYS
 from minseg.train import guarded_step
 from minseg.visual import save_grid
 
@@ -263,7 +264,6 @@ class Schedule:
     snapshot_images: int = 10_000
 
     def __post_init__(self):  # checked now, not after the GAN phase
-        from minseg.segmenter import LR_DECAYS
         if self.distill_lr_decay not in LR_DECAYS:
             raise ValueError(f"distill_lr_decay must be one of {LR_DECAYS}, got {self.distill_lr_decay!r}")
 
