@@ -2,6 +2,7 @@
 connected components against hand-made cases and an independent flood fill, shape scores of seeds vs blobs,
 training steps and state round trips of both applications, run() end to end on shapes and on the CUB layout,
 run_hoc() on the built-in cluster picture."""
+import dataclasses
 import json
 import math
 from collections import deque
@@ -262,6 +263,12 @@ def test_bad_configs_and_inputs_raise(tmp_path):
         make_schedule("nope", "shapes")
     with pytest.raises(ValueError, match="distill_lr_decay must be one of"):
         make_schedule("quick", "shapes", distill_lr_decay="step")
+    with pytest.raises(ValueError, match="student_width"):
+        make_schedule("quick", "shapes", student_width=-1)
+    with pytest.raises(ValueError, match="distill_rounds"):
+        make_schedule("quick", "shapes", distill_rounds=0)
+    with pytest.raises(ValueError, match="distill_augment"):
+        make_schedule("quick", "shapes", distill_augment="yes")
     for preset in PRESETS.values():
         IndependenceConfig(**preset)
     for preset in HOC_PRESETS.values():
@@ -277,13 +284,14 @@ def test_bad_configs_and_inputs_raise(tmp_path):
 TINY_SCHEDULE = Schedule(gan_images=16, distill_steps=2, batch_size=8, tick_images=8, snapshot_images=16)
 
 
-def check_results(out_dir):
+def check_results(out_dir, rounds=1):
     results = json.loads((out_dir / "results.json").read_text())
+    later = [f"student (distilled), round {r}" for r in range(2, rounds + 1)]
     assert results["method"] == "independence" and [r["run"] for r in results["rows"]] == [
-        "teacher (adversarial)", "student (distilled)"]
+        "teacher (adversarial)", "student (distilled)", *later]
     for row in results["rows"]:
         assert all(0 <= row[k] <= 1 for k in ("acc", "iou", "miou"))
-    assert results["rows"][1]["iou"] == pytest.approx(results["iou"])
+    assert results["rows"][-1]["iou"] == pytest.approx(results["iou"])  # the last student's
     assert results["rows"][0]["iou"] == pytest.approx(results["teacher_iou"])
     assert "teacher" in (out_dir / "results.md").read_text()
     for name in ("teacher.pt", "segmenter.pt", "checkpoint.pt", "teacher-predictions.png", "test-predictions.png"):
@@ -299,6 +307,12 @@ def test_run_end_to_end_on_tiny_shapes(tmp_path):
     whole = load_background_set("shapes", 32, limit=64)
     run(cfg, TINY_SCHEDULE, train, test, tmp_path, background_set=whole, progress=False)
     check_results(tmp_path)
+    assert torch.load(tmp_path / "segmenter.pt", weights_only=True)["config"]["width"] == 4  # the carver's width
+    wider = dataclasses.replace(TINY_SCHEDULE, student_width=6, distill_augment=False, distill_rounds=2)
+    run(cfg, wider, train, test, tmp_path / "wide", background_set=whole, progress=False)
+    check_results(tmp_path / "wide", rounds=2)
+    assert torch.load(tmp_path / "wide" / "segmenter.pt", weights_only=True)["config"]["width"] == 6
+    assert torch.load(tmp_path / "wide" / "teacher.pt", weights_only=True)["config"]["width"] == 4
     with pytest.raises(ValueError, match="px"):
         run(IndependenceConfig(size=64), TINY_SCHEDULE, train, test, tmp_path / "bad", background_set=whole)
 

@@ -259,6 +259,10 @@ class Schedule:
     gan_images: int = 40_000     # real crops seen by D (the paper gives no length)
     distill_steps: int = 1500    # student steps on carved composites
     distill_lr_decay: str = "cosine"  # the student's lr: "cosine" (to 0 at its last step) or "constant"
+    distill_rounds: int = 1      # > 1: each further student learns from the last one (not in the paper)
+    student_width: int = 0       # the student U-Net's width; 0 = the carver's seg_width (the paper: same net)
+    distill_augment: bool = True  # random resized crops (and flips) of the crops carved for the student: the
+                                  # appendix's "augmented input images"; False: flips only
     batch_size: int = 32
     tick_images: int = 2_000
     snapshot_images: int = 10_000
@@ -266,6 +270,12 @@ class Schedule:
     def __post_init__(self):  # checked now, not after the GAN phase
         if self.distill_lr_decay not in LR_DECAYS:
             raise ValueError(f"distill_lr_decay must be one of {LR_DECAYS}, got {self.distill_lr_decay!r}")
+        if isinstance(self.student_width, bool) or not isinstance(self.student_width, int) or self.student_width < 0:
+            raise ValueError(f"student_width must be an int >= 0 (0 = the carver's width), got {self.student_width!r}")
+        if isinstance(self.distill_rounds, bool) or not isinstance(self.distill_rounds, int) or self.distill_rounds < 1:
+            raise ValueError(f"distill_rounds must be an int >= 1, got {self.distill_rounds!r}")
+        if not isinstance(self.distill_augment, bool):
+            raise ValueError(f"distill_augment must be True or False, got {self.distill_augment!r}")
 
 
 SCHEDULES = {"quick": {}, "paper": dict(gan_images=1_000_000, distill_steps=12_000, tick_images=20_000,
@@ -324,20 +334,23 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
     save_segmenter(out_dir / "teacher.pt", teacher, {"method": "independence-teacher", "size": cfg.size})
     show_predictions(teacher, test_set, out_dir / "teacher-predictions.png", device)
     raw = evaluate_segmenter(teacher, test_set)
-    student = build_net("unet", num_classes=1, width=cfg.seg_width, depth=cfg.seg_depth)
-    pairs = distillation_pairs(teacher, train_set.sampler(schedule.batch_size, augment=False, device=device),
-                               backgrounds)
     extra = {"teacher_acc": raw["acc"], "teacher_iou": raw["iou"], "teacher_miou": raw["miou"],
              "bg_patches": len(patches), "skipped_steps": method.skipped_steps}
     if method.S_ema is not None:  # S's last iterate too, to see what the average bought
         last = evaluate_segmenter(method.S.eval(), test_set)
         extra.update(last_S_iou=last["iou"], last_S_miou=last["miou"])
-    _, distilled = finish("independence", pair_stream(pairs, schedule.batch_size), test_set, out_dir, net=student,
-                          steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
-                          device=device, extra=extra, progress=progress, lr_decay=schedule.distill_lr_decay)
     scores = ("acc", "iou", "miou", "per_image_iou", "per_image_acc")
-    rows = [dict(run="teacher (adversarial)", **{k: raw[k] for k in scores}),
-            dict(run="student (distilled)", **{k: distilled[k] for k in scores})]
+    rows, crops = [dict(run="teacher (adversarial)", **{k: raw[k] for k in scores})], None
+    for round_ in range(schedule.distill_rounds):  # round 2 on: the last student labels the next one
+        student = build_net("unet", num_classes=1, width=schedule.student_width or cfg.seg_width, depth=cfg.seg_depth)
+        crops = crops or train_set.sampler(schedule.batch_size, augment=schedule.distill_augment, device=device)
+        _, distilled = finish("independence", pair_stream(distillation_pairs(teacher, crops, backgrounds),
+                                                          schedule.batch_size), test_set, out_dir, net=student,
+                              steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
+                              device=device, extra=extra, progress=progress, lr_decay=schedule.distill_lr_decay)
+        rows.append(dict(run="student (distilled)" + (f", round {round_ + 1}" if round_ else ""),
+                         **{k: distilled[k] for k in scores}))
+        teacher = student.eval().requires_grad_(False)
     results = json.loads((out_dir / "results.json").read_text())
     (out_dir / "results.json").write_text(json.dumps({**results, "rows": rows}, indent=2))
     table = format_table(rows, test_set.protocol)
