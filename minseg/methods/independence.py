@@ -7,7 +7,7 @@ into realistic images. Paper sections "Our Framework" (eq. 4-7) and "Two Applica
 
 App 1, foreground segmentation from boxes (`ForegroundCarver`, `run`): a U-Net S carves its own box-cropped input,
 (I, S(I)), over a real patch cut outside some training image's box; no layout warp. Then data distillation: a
-student U-Net learns the teacher's soft masks on carved-foreground composites (smooth-L1, eq. 8).
+student U-Net learns the teacher's soft masks on carved-foreground composites of augmented crops (smooth-L1, eq. 8).
 App 2, instances from one picture of a homogeneous object cluster, lives in `minseg/methods/hoc.py` and shares the
 losses, patch pool and discriminator defined here.
 """
@@ -343,7 +343,8 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
     rows, crops = [dict(run="teacher (adversarial)", **{k: raw[k] for k in scores})], None
     for round_ in range(schedule.distill_rounds):  # round 2 on: the last student labels the next one
         student = build_net("unet", num_classes=1, width=schedule.student_width or cfg.seg_width, depth=cfg.seg_depth)
-        crops = crops or train_set.sampler(schedule.batch_size, augment=schedule.distill_augment, device=device)
+        if crops is None:  # drawn after the first student's init, as before rounds existed (same runs, same numbers)
+            crops = train_set.sampler(schedule.batch_size, augment=schedule.distill_augment, device=device)
         _, distilled = finish("independence", pair_stream(distillation_pairs(teacher, crops, backgrounds),
                                                           schedule.batch_size), test_set, out_dir, net=student,
                               steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
