@@ -269,6 +269,9 @@ def test_bad_configs_and_inputs_raise(tmp_path):
         make_schedule("quick", "shapes", distill_rounds=0)
     with pytest.raises(ValueError, match="distill_augment"):
         make_schedule("quick", "shapes", distill_augment="yes")
+    for scale in ((0.0, 1.0), (0.9, 0.5), (0.5, 1.5), 0.5):
+        with pytest.raises(ValueError, match="distill_crop_scale"):
+            make_schedule("quick", "shapes", distill_crop_scale=scale)
     for preset in PRESETS.values():
         IndependenceConfig(**preset)
     for preset in HOC_PRESETS.values():

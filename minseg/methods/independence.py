@@ -263,6 +263,7 @@ class Schedule:
     student_width: int = 0       # the student U-Net's width; 0 = the carver's seg_width (the paper: same net)
     distill_augment: bool = True  # random resized crops (and flips) of the crops carved for the student: the
                                   # appendix's "augmented input images"; False: flips only
+    distill_crop_scale: tuple = (0.5, 1.0)  # their area as a fraction of the box crop (the GAN phase: 0.8-1)
     batch_size: int = 32
     tick_images: int = 2_000
     snapshot_images: int = 10_000
@@ -276,6 +277,9 @@ class Schedule:
             raise ValueError(f"distill_rounds must be an int >= 1, got {self.distill_rounds!r}")
         if not isinstance(self.distill_augment, bool):
             raise ValueError(f"distill_augment must be True or False, got {self.distill_augment!r}")
+        scale = self.distill_crop_scale
+        if not (isinstance(scale, (tuple, list)) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1):
+            raise ValueError(f"distill_crop_scale must be (lo, hi) with 0 < lo <= hi <= 1, got {scale!r}")
 
 
 SCHEDULES = {"quick": {}, "paper": dict(gan_images=1_000_000, distill_steps=12_000, tick_images=20_000,
@@ -344,7 +348,8 @@ def run(cfg, schedule, train_set, test_set, out_dir, background_set=None, device
     for round_ in range(schedule.distill_rounds):  # round 2 on: the last student labels the next one
         student = build_net("unet", num_classes=1, width=schedule.student_width or cfg.seg_width, depth=cfg.seg_depth)
         if crops is None:  # drawn after the first student's init, as before rounds existed (same runs, same numbers)
-            crops = train_set.sampler(schedule.batch_size, augment=schedule.distill_augment, device=device)
+            crops = train_set.sampler(schedule.batch_size, augment=schedule.distill_augment, device=device,
+                                      scale=tuple(schedule.distill_crop_scale))
         _, distilled = finish("independence", pair_stream(distillation_pairs(teacher, crops, backgrounds),
                                                           schedule.batch_size), test_set, out_dir, net=student,
                               steps=schedule.distill_steps, loss="smooth_l1", batch_size=schedule.batch_size,
