@@ -271,10 +271,10 @@ class Schedule:
     def __post_init__(self):  # checked now, not after the GAN phase
         if self.distill_lr_decay not in LR_DECAYS:
             raise ValueError(f"distill_lr_decay must be one of {LR_DECAYS}, got {self.distill_lr_decay!r}")
-        if isinstance(self.student_width, bool) or not isinstance(self.student_width, int) or self.student_width < 0:
-            raise ValueError(f"student_width must be an int >= 0 (0 = the carver's width), got {self.student_width!r}")
-        if isinstance(self.distill_rounds, bool) or not isinstance(self.distill_rounds, int) or self.distill_rounds < 1:
-            raise ValueError(f"distill_rounds must be an int >= 1, got {self.distill_rounds!r}")
+        for name, least in (("student_width", 0), ("distill_rounds", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an int >= {least}, got {value!r}")
         if not isinstance(self.distill_augment, bool):
             raise ValueError(f"distill_augment must be True or False, got {self.distill_augment!r}")
         scale = self.distill_crop_scale
