@@ -254,11 +254,28 @@ def test_cluster_layers_are_translated_and_composited():
     assert out["image"].shape == (2, 3, 32, 32)
 
 
+def test_cluster_layout_rotation_turns_the_layers():
+    method = tiny_cluster_gan()
+    method.cfg.shift_frac, method.cfg.rotation_deg = 0.0, 180.0
+    bar = torch.zeros(1, 1, 32, 32)
+    bar[..., 14:18, 4:28] = 1.0  # a horizontal bar through the centre
+    method.G = lambda z: (torch.zeros(len(z), 3, 32, 32), bar.expand(len(z), -1, -1, -1))
+    warped = method.generate(64)["warped"][:, :, 0]  # (64, 3, 32, 32)
+    rows, cols = warped.sum(-1).amax(-1), warped.sum(-2).amax(-1)  # the longest row and column of each layer
+    assert (warped[..., 16, 16] > 0.9).all()  # turned about the centre
+    assert (cols > 12).any() and (rows > 12).any()  # some layers come out upright, some still lying
+    method.cfg.rotation_deg = 0.0
+    torch.testing.assert_close(method.generate(2)["warped"][:, :, 0], bar.expand(2, 3, -1, -1))
+
+
 def test_bad_configs_and_inputs_raise(tmp_path):
     with pytest.raises(ValueError, match="multiple of 16"):
         IndependenceConfig(size=40)
     with pytest.raises(ValueError, match="size"):
         ClusterConfig(size=48)
+    for turn in (-1.0, 181.0):
+        with pytest.raises(ValueError, match="rotation_deg"):
+            ClusterConfig(rotation_deg=turn)
     with pytest.raises(ValueError, match="schedule"):
         make_schedule("nope", "shapes")
     with pytest.raises(ValueError, match="distill_lr_decay must be one of"):

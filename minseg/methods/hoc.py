@@ -2,10 +2,11 @@
 section 2): instance appearances and soft masks learned from one picture of a homogeneous object cluster (HOC).
 
 `ClusterGAN` / `run_hoc`: N layers from one shared deconv generator with independent z, random translations (the
-paper's pad-and-crop) through `minseg.ops.composite`, recursive composition over real patches with a black disk in
-the centre, the mask-area penalty, and an InfoGAN term that keeps z recoverable from each layer. Scored by the share
-of generated layers holding exactly one instance (connected components of the thresholded mask), their area, and
-how much their shapes look like the true instances' (`shape_scores`).
+paper's pad-and-crop; optionally rotations too, the layout prior's U(r_min, r_max)) through `minseg.ops.composite`,
+recursive composition over real patches with a black disk in the centre, the mask-area penalty, and an InfoGAN term
+that keeps z recoverable from each layer. Scored by the share of generated layers holding exactly one instance
+(connected components of the thresholded mask), their area, and how much their shapes look like the true
+instances' (`shape_scores`).
 The losses, patch pool and patch discriminator are application 1's, in `minseg/methods/independence.py`.
 """
 
@@ -33,6 +34,7 @@ class ClusterConfig:
     area_weight: float = 1000.0         # lambda
     info_weight: float = 50.0           # beta: InfoGAN term on z
     shift_frac: float = 26 / 64         # layout: translation up to this fraction of the size per axis (pad 26 px)
+    rotation_deg: float = 0.0           # layout: rotation up to +- this many degrees (the paper's seeds: none)
     disk_frac: float = 20 / 64          # radius of the black disk in the background patches
     window: int | None = None           # patch window in source px; None: window_factor x the largest instance
     window_factor: float = 1.5
@@ -48,6 +50,8 @@ class ClusterConfig:
     def __post_init__(self):
         if self.size not in (32, 64, 128):
             raise ValueError(f"size must be 32, 64 or 128 (8 x 8 start, 2x deconvs), got {self.size}")
+        if not 0 <= self.rotation_deg <= 180:
+            raise ValueError(f"rotation_deg must be in [0, 180], got {self.rotation_deg}")
 
 
 HOC_PRESETS = {  # Table 4; padding 30 / 32 / 26 px at 64 as the translation range
@@ -105,7 +109,8 @@ class ClusterGAN:
         rgb, alpha = self.G(z.flatten(0, 1))
         rgb, alpha = rgb.unflatten(0, (batch, N)), alpha.unflatten(0, (batch, N))  # (B, N, 3|1, S, S)
         shift = cfg.shift_frac * cfg.size
-        theta = perturbation(batch * N, cfg.size, (0.0, 0.0), (0.0, 0.0), (-shift, shift), device=self.device)
+        turn = (-cfg.rotation_deg, cfg.rotation_deg)
+        theta = perturbation(batch * N, cfg.size, (0.0, 0.0), turn, (-shift, shift), device=self.device)
         image, warped = composite(rgb, alpha, self.backgrounds(batch), theta.view(batch, N, 2, 3))
         return dict(z=z, rgb=rgb, alpha=alpha, image=image, warped=warped)
 
