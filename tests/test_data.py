@@ -499,7 +499,7 @@ def test_cluster_image(kind):
     assert image.shape == (3, 128, 128) and image.dtype == torch.uint8
     assert masks.dim() == 3 and masks.shape[1:] == (128, 128) and masks.dtype == torch.bool
     assert masks.sum(0).max() == 1 and masks.flatten(1).any(1).all()  # disjoint, none empty
-    assert masks.any(0).float().mean() > 0.6  # dense
+    assert masks.any(0).float().mean() > 0.95  # dense: the ground barely shows (DSF-HOC)
     half_length, half_width = KINDS[kind]["axes"]
     full_area = math.pi * half_length * half_width * (128 / 256) ** 2
     occluded = masks.flatten(1).sum(1) < 0.8 * full_area
