@@ -5,7 +5,7 @@ copies of one kind of object (a crowd, a fruit heap, a pile of seeds) by cutting
 from that one image. No such photograph is at hand, so `make_cluster_image` draws one: a dense,
 overlapping pile of textured blobs of one kind, with the visible (occlusion-resolved) mask of every
 instance as ground truth. Dense as the paper's "DSF-HOC" pictures are: the dark, noisy ground shows
-through on ~2 % of the picture. (Until commit 81c7bf9 the piles were sparser, 74 % (seeds) and 86 %
+through on ~2 % of the picture. (Up to commit 81c7bf9 the piles were sparser, 74 % (seeds) and 86 %
 (fruit) covered, and a layer could hold ground around its instance at no cost in realism.)
 
   kind "seeds": egg-shaped brown seeds (~26 x 14 px at 256), rim shading and a groove along the axis.
