@@ -159,6 +159,17 @@ def test_train_steps_and_state_round_trip(trained_method):
         torch.testing.assert_close(ours["exp_avg_sq"], theirs["exp_avg_sq"])
 
 
+def test_point_scale_sets_the_initial_pose_variety():
+    """The `spread` stat (std over the batch of the part centres) grows with point_scale: the knob that decides how
+    varied the untrained generator's poses are (tanh(point_scale * MLP(z)))."""
+    spreads = []
+    for scale in (0.15, 1.0):
+        torch.manual_seed(0)
+        method = GANSeg(tiny_config(size=32, resolutions=(8, 16, 32), point_scale=scale))
+        spreads.append(method.train_step(fake_batch(method.cfg, batch=16))["spread"])
+    assert 0 < spreads[0] and 3 * spreads[0] < spreads[1], spreads
+
+
 def test_bad_configs_and_inputs_raise():
     with pytest.raises(ValueError, match="resolutions"):
         tiny_config(resolutions=(32, 96, 128))

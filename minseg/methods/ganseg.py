@@ -288,9 +288,11 @@ class GANSeg:
         if ok_G and self.G_ema is not None:
             self.G_ema.update(self.G)
         part_share = out["masks"][:, 1:].mean((0, 2, 3))  # (K,) mean area of each part
+        # spread = std over the batch of the part centres (normalised units, mean over parts and axes): pose variety
         return dict(loss_D=loss_D.item(), loss_G=loss_adv.item(), loss_gp=self.last_gp, loss_con=loss_con.item(),
                     loss_area=loss_area.item(), fg=part_share.sum().item(), min_part=part_share.min().item(),
-                    sigma=out["sigmas"].mean().item(), skipped=float(not (ok_D and ok_G)))
+                    sigma=out["sigmas"].mean().item(), spread=out["centres"].std(0).mean().item(),
+                    skipped=float(not (ok_D and ok_G)))
 
     def _apply(self, optimizer, loss):
         """Backward and step, unless the loss or a gradient is non-finite: then skip and count (divergence guard)."""
