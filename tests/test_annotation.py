@@ -11,6 +11,9 @@ from PIL import Image
 
 from minseg.cli import main
 from minseg.methods.annotation import IGNORE, FrozenGenerator, decode, fit_decoder, load_generator, read_annotations
+from minseg.methods.ganseg import PRESETS as GANSEG_PRESETS
+from minseg.methods.ganseg import GANSeg, GANSegConfig
+from minseg.methods.hoc import ClusterConfig
 from minseg.methods.ilsgan import ILSGANConfig, LayeredGenerator
 from minseg.methods.plain_gan import PlainConfig, PlainGAN, PlainGenerator
 
@@ -46,16 +49,54 @@ def test_generator_features_have_the_expected_shapes():
         torch.testing.assert_close(out["features"][-1][:, 4:], layered.net.background[0](latents["z"]))
 
 
+def test_ganseg_features_are_its_three_branches_per_block():
+    """GANSeg exposes, per block, its mask, foreground and background branches' outputs without their margins; the
+    last level's mask channels are the logits whose softmax gives the masks."""
+    cfg = GANSegConfig(**GANSEG_PRESETS["shapes"])
+    gen = FrozenGenerator(GANSeg(cfg).G)
+    latents = gen.sample_latents(2, torch.Generator().manual_seed(0))
+    image, features = gen(latents)
+    assert gen.kind == "ganseg" and set(latents) == {"z_point", "z_app", "z_bg", "bg_center"}
+    assert image.shape == (2, 3, 32, 32)
+    mask_ch, fg_ch = [cfg.mask_width, cfg.mask_width, cfg.num_parts + 1], [*cfg.widths[1:], cfg.emb_dim]
+    assert [tuple(f.shape) for f in features] == [(2, m + 2 * c, r, r) for m, c, r in
+                                                  zip(mask_ch, fg_ch, cfg.resolutions)]
+    with torch.no_grad():
+        out = gen.net(**latents)
+    torch.testing.assert_close(features[-1][:, :cfg.num_parts + 1].softmax(1), out["masks"])
+    torch.testing.assert_close(features[-1][:, -cfg.emb_dim:], out["background"])
+
+
+def test_a_ganseg_checkpoint_is_exported_with_latents_that_reproduce_it(tmp_path):
+    """A GANSeg run's checkpoint (no EMA: its G) is taken; the exported latents give back the exported samples."""
+    cfg = GANSegConfig(**GANSEG_PRESETS["shapes"])
+    method = GANSeg(cfg)
+    torch.save({"method": method.state_dict(), "config": asdict(cfg)}, tmp_path / "c.pt")
+    gen = load_generator(tmp_path / "c.pt")
+    assert gen.kind == "ganseg"
+    assert main(["annotate", "export", "--checkpoint", str(tmp_path / "c.pt"), "--n", "3", "--out",
+                 str(tmp_path / "x")]) == 0
+    latents = torch.load(tmp_path / "x" / "latents.pt", weights_only=True)["latents"]
+    with torch.no_grad():
+        expected = method.G.eval()(**latents)["image"]
+    torch.testing.assert_close(gen(latents)[0], expected)
+    saved = np.stack([np.asarray(Image.open(p)) for p in sorted((tmp_path / "x" / "images").glob("*.png"))])
+    assert np.abs(saved.astype(int) - ((expected.permute(0, 2, 3, 1) + 1) * 127.5).round().numpy()).max() <= 1
+
+
 def test_an_ilsgan_checkpoint_is_accepted(tmp_path, capsys):
     cfg = ILSGANConfig(size=32, z_dim=8, gen_width=4)
     torch.save({"method": {"G_ema": LayeredGenerator(cfg).state_dict()}, "config": asdict(cfg)}, tmp_path / "c.pt")
-    assert load_generator(tmp_path / "c.pt").layered
+    assert load_generator(tmp_path / "c.pt").kind == "layered"
     assert main(["annotate", "export", "--checkpoint", str(tmp_path / "c.pt"), "--n", "2", "--out",
                  str(tmp_path / "x")]) == 0
     assert len(list((tmp_path / "x" / "images").glob("*.png"))) == 2
     torch.save({"weights": 1}, tmp_path / "other.pt")
     assert main(["annotate", "export", "--checkpoint", str(tmp_path / "other.pt"), "--out", str(tmp_path / "y")]) == 2
     assert "not a generator checkpoint" in capsys.readouterr().err
+    torch.save({"method": {"G": {}}, "config": asdict(ClusterConfig(size=32))}, tmp_path / "hoc.pt")
+    assert main(["annotate", "export", "--checkpoint", str(tmp_path / "hoc.pt"), "--out", str(tmp_path / "z")]) == 2
+    assert "does not take" in capsys.readouterr().err
 
 
 def test_plain_gan_step_and_state_round_trip():

@@ -1,11 +1,12 @@
 """GAN annotation ("Teaching GAN to generate per-pixel annotation", ICLR 2020 submission, sec. 3.2-3.3 and 4.5;
 shared notes sec. 4): freeze a trained generator, annotate a few of its samples, fit a light decoder from its
 multi-resolution features to those masks, then label a synthetic set and train a segmenter on it. The generator
-is a layered ILSGAN one or the plain, mask-free GAN of `minseg.methods.plain_gan` (`annotate gan` trains it).
+is the plain, mask-free GAN of `minseg.methods.plain_gan` (`annotate gan` trains it), a layered ILSGAN one or a
+GANSeg one (their run folders' checkpoint.pt).
 
 This file holds
-    FrozenGenerator             a plain or layered (ILSGAN) checkpoint behind one interface: latents -> (image,
-                                features); `load_generator(path)`
+    FrozenGenerator             a plain, layered (ILSGAN) or GANSeg checkpoint behind one interface: latents ->
+                                (image, features); `load_generator(path)`
     Decoder, fit_decoder        per level conv3x3 -> 32 ch, BN, LReLU, dropout 0.5; coarse to fine: nearest 2x,
                                 concat, residual block; 1x1 conv to classes; CE with an ignore label
     synthesize                  the synthetic (image, mask) SegmentationSet from generator + decoder
@@ -45,18 +46,25 @@ class FrozenGenerator:
     """A trained generator in eval mode: sample_latents(n) -> dict of codes; __call__(latents) -> (images, features)."""
 
     def __init__(self, net, meta=None):
+        from minseg.methods.ganseg import GANSegGenerator
         self.net, self.meta = net.eval().requires_grad_(False), dict(meta or {})
-        self.layered, self.size = not isinstance(net, PlainGenerator), net.cfg.size
+        self.kind = "plain" if isinstance(net, PlainGenerator) else "ganseg" if isinstance(net, GANSegGenerator) \
+            else "layered"
+        self.size = net.cfg.size
 
     def sample_latents(self, n, generator=None):
         codes = self.net.sample_codes(n, "cpu", generator)
-        return dict(z=codes[0], c=codes[1]) if self.layered else dict(z=codes)
+        return dict(z=codes[0], c=codes[1]) if self.kind == "layered" else codes if self.kind == "ganseg" \
+            else dict(z=codes)
 
     @torch.no_grad()
     def __call__(self, latents):
-        if self.layered:  # ILSGAN: unperturbed composition m f + (1 - m) b (its eq. 2), fg trunk + bg branch features
+        if self.kind == "layered":  # ILSGAN: unperturbed m f + (1 - m) b (its eq. 2), fg trunk + bg branch features
             out = self.net(latents["z"], latents["c"], return_features=True)
             image = out["mask"] * out["foreground"] + (1 - out["mask"]) * out["background"]
+        elif self.kind == "ganseg":  # its codes as keyword arguments; mask, fg and bg branch features
+            out = self.net(**latents, return_features=True)
+            image = out["image"]
         else:
             out = self.net(latents["z"], return_features=True)
             image = out["image"]
@@ -64,20 +72,29 @@ class FrozenGenerator:
 
 
 def load_generator(path):
-    """A FrozenGenerator from a `annotate gan` checkpoint or an ILSGAN run's checkpoint.pt (its G_ema)."""
+    """A FrozenGenerator from an `annotate gan` checkpoint, an ILSGAN run's checkpoint.pt (its G_ema) or a GANSeg
+    run's (its G_ema if it kept one, else G: the authors sample from G)."""
+    from minseg.methods.ganseg import GANSegConfig, GANSegGenerator
     from minseg.methods.ilsgan import ILSGANConfig, LayeredGenerator
     if not os.path.isfile(path):
         raise FileNotFoundError(f"generator checkpoint {path} does not exist (train one with "
                                 "`python run.py annotate gan <data>`, or pass --checkpoint)")
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or "G_ema" not in payload.get("method", {}) or "config" not in payload:
-        raise ValueError(f"{path} is not a generator checkpoint (expected 'method' with G_ema and 'config': "
-                         "runs/annotate-gan-<data>/checkpoint.pt or an ILSGAN run's checkpoint.pt)")
+    weights = payload.get("method", {}) if isinstance(payload, dict) else {}
+    weights = weights.get("G_ema", weights.get("G"))
+    if weights is None or "config" not in payload:
+        raise ValueError(f"{path} is not a generator checkpoint (expected 'method' with G_ema or G, and 'config': "
+                         "runs/annotate-gan-<data>/checkpoint.pt or an ILSGAN or GANSeg run's checkpoint.pt)")
     if payload.get("generator") == "plain":
         net = PlainGenerator(PlainConfig(**payload["config"]))
-    else:
+    elif "num_parts" in payload["config"]:
+        net = GANSegGenerator(GANSegConfig(**payload["config"]))
+    elif "num_codes" in payload["config"]:
         net = LayeredGenerator(ILSGANConfig(**payload["config"]))
-    net.load_state_dict(payload["method"]["G_ema"])
+    else:  # hoc: its samples are layers over real background patches, not pictures a latent alone makes
+        raise ValueError(f"{path} holds a generator that annotation does not take (plain GAN, layered GAN and "
+                         "GANSeg checkpoints are taken; the one-picture instance generator is not)")
+    net.load_state_dict(weights)
     return FrozenGenerator(net, dict(checkpoint=str(Path(path).resolve()), data=payload.get("data"),
                                      root=payload.get("root")))
 
@@ -249,7 +266,7 @@ def add_commands(subparsers):
     gan.add_argument("--set", action="append", metavar="NAME=VALUE", help="override a PlainConfig field")
     gan.add_argument("--quiet", action="store_true", help="one status line per tick instead of a progress bar")
     ex = sub.add_parser("export", help="write generated samples to paint (PNG) and keep their latents")
-    ex.add_argument("--checkpoint", type=existing_file, required=True, help="annotate gan or ILSGAN checkpoint")
+    ex.add_argument("--checkpoint", type=existing_file, required=True, help="annotate gan, ILSGAN or GANSeg checkpoint")
     ex.add_argument("--n", type=positive_int, default=20, help="samples to export (default 20)")
     ex.add_argument("--seed", type=int, default=0)
     ex.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")

@@ -141,14 +141,17 @@ class GANSegGenerator(nn.Module):
         """Level 1 positions: (B, K * n_per, 2) in normalised image coordinates, part-major."""
         return torch.tanh(self.cfg.point_scale * self.point_mlp(z_point)).view(len(z_point), -1, 2)
 
-    def _run_branch(self, blocks, start, style_at):
+    def _run_branch(self, blocks, start, style_at, collect=None):
         """Blocks over cfg.resolutions on margin grids; style_at(res) gives block i's style input.
-        Returns the last map with its margin, (B, C, S + 2 margin, S + 2 margin)."""
+        Returns the last map with its margin, (B, C, S + 2 margin, S + 2 margin); appends every block's output,
+        margin cropped, to `collect` if given."""
         h, res, m = start, self.cfg.resolutions, self.cfg.margin
         for i, (block, r) in enumerate(zip(blocks, res)):
             if i > 0 and r != res[i - 1]:
                 h = upsample_crop(h, m)
             h = block(h, style_at(r))
+            if collect is not None:
+                collect.append(crop(h, m))
         return h
 
     def _downsample_to_margin_grid(self, x, r):
@@ -159,9 +162,12 @@ class GANSegGenerator(nn.Module):
         pooled = F.avg_pool2d(x[..., m % f:x.shape[-2] - m % f, m % f:x.shape[-1] - m % f], f)
         return F.pad(pooled, (m - m // f,) * 4, mode="replicate")
 
-    def forward(self, z_app, z_bg, bg_center, z_point=None, points=None):
-        """Pass z_point, or explicit points (B, K * n_per, 2) in normalised coordinates. Returns a dict of maps."""
+    def forward(self, z_app, z_bg, bg_center, z_point=None, points=None, return_features=False):
+        """Pass z_point, or explicit points (B, K * n_per, 2) in normalised coordinates. Returns a dict of maps;
+        with return_features also "features": per block, coarse to fine, the mask, foreground and background
+        branches' outputs side by side (GAN annotation's decoder input)."""
         cfg, K, m = self.cfg, self.cfg.num_parts, self.cfg.margin
+        levels = {"mask": [], "fg": [], "bg": []} if return_features else dict.fromkeys(("mask", "fg", "bg"))
         if (points is None) == (z_point is None):
             raise ValueError("GANSegGenerator: pass exactly one of z_point or points")
         points = self.points(z_point) if points is None else points
@@ -174,24 +180,27 @@ class GANSegGenerator(nn.Module):
         # level 2: masks from point-relative encodings, styled by the Gaussian embedding map at each resolution
         start = positional_encoding(points, self.mask_pe.weight, self.mask_pe.bias, r0, m)  # (B, mask_width, ...)
         style = lambda r: part_heatmaps(centres, sigmas, emb, (r, r), m)[1]  # W_mask (B, D, r + 2m, r + 2m)
-        masks_margin = self._run_branch(self.mask_blocks, start, style).softmax(1)  # (B, K + 1, S + 2m, S + 2m)
+        masks_margin = self._run_branch(self.mask_blocks, start, style, levels["mask"]).softmax(1)  # (B, K + 1, S + 2m, S + 2m)
         masks = crop(masks_margin, m)  # (B, K + 1, S, S)
 
         # level 3: foreground styled by W_fg = sum_k M_k w_k, from the masks with their margin, per resolution
         w_fg = torch.einsum("bkhw,bkd->bdhw", masks_margin[:, 1:], emb)  # (B, D, S + 2m, S + 2m)
         start = positional_encoding(centres, self.fg_pe.weight, self.fg_pe.bias, r0, m)
-        foreground = crop(self._run_branch(self.fg_blocks, start, lambda r: self._downsample_to_margin_grid(w_fg, r)),
-                          m)  # (B, D, S, S)
+        foreground = crop(self._run_branch(self.fg_blocks, start, lambda r: self._downsample_to_margin_grid(w_fg, r),
+                                           levels["fg"]), m)  # (B, D, S, S)
 
         # background: AdaIN blocks from an encoding relative to its own random centre u
         w_bg = self.bg_mlp(z_bg)  # (B, D)
         start = positional_encoding(bg_center, self.bg_pe.weight, self.bg_pe.bias, r0, m)
-        background = crop(self._run_branch(self.bg_blocks, start, lambda r: w_bg), m)  # (B, D, S, S)
+        background = crop(self._run_branch(self.bg_blocks, start, lambda r: w_bg, levels["bg"]), m)  # (B, D, S, S)
 
         # blend in feature space (eq. 11): background + (1 - M_bg) (foreground - background)
         blend, _ = composite(foreground[:, None], (1 - masks[:, :1])[:, None], background)
-        return dict(image=self.to_rgb(blend), masks=masks, parts=masks.argmax(1), points=points, centres=centres,
-                    sigmas=sigmas, foreground=foreground, background=background)
+        out = dict(image=self.to_rgb(blend), masks=masks, parts=masks.argmax(1), points=points, centres=centres,
+                   sigmas=sigmas, foreground=foreground, background=background)
+        if return_features:
+            out["features"] = [torch.cat(maps, 1) for maps in zip(levels["mask"], levels["fg"], levels["bg"])]
+        return out
 
 
 class Discriminator(nn.Module):
