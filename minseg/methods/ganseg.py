@@ -180,7 +180,7 @@ class GANSegGenerator(nn.Module):
         # level 2: masks from point-relative encodings, styled by the Gaussian embedding map at each resolution
         start = positional_encoding(points, self.mask_pe.weight, self.mask_pe.bias, r0, m)  # (B, mask_width, ...)
         style = lambda r: part_heatmaps(centres, sigmas, emb, (r, r), m)[1]  # W_mask (B, D, r + 2m, r + 2m)
-        masks_margin = self._run_branch(self.mask_blocks, start, style, levels["mask"]).softmax(1)  # (B, K + 1, S + 2m, S + 2m)
+        masks_margin = self._run_branch(self.mask_blocks, start, style, levels["mask"]).softmax(1)  # (B, K+1, S+2m, ..)
         masks = crop(masks_margin, m)  # (B, K + 1, S, S)
 
         # level 3: foreground styled by W_fg = sum_k M_k w_k, from the masks with their margin, per resolution
