@@ -2,7 +2,7 @@
 
     python run.py shapes|horses|folder|cub [--method ilsgan|ganseg|independence] [--schedule quick|paper|...]
     python run.py hoc [--image PATH] [--preset seeds|fruit|crowd]
-    python run.py annotate export|train ...                      (GAN annotation; see minseg/methods/annotation.py)
+    python run.py annotate export|train ...                      (GAN annotation; see minseg/annotate_cli.py)
 
 A run writes everything under one folder (default runs/<method>-<data>): sample grids, stats.jsonl, an atomic
 checkpoint after every snapshot (`--resume` continues from it), and at the end results.md / results.json
@@ -230,5 +230,5 @@ def run_hoc_command(args):
 # --------------------------------------------------------------------------------------------- annotate
 
 def add_annotate(subparsers):
-    from minseg.methods import annotation
-    annotation.add_commands(subparsers)
+    from minseg import annotate_cli
+    annotate_cli.add_commands(subparsers)

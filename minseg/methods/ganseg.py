@@ -141,17 +141,16 @@ class GANSegGenerator(nn.Module):
         """Level 1 positions: (B, K * n_per, 2) in normalised image coordinates, part-major."""
         return torch.tanh(self.cfg.point_scale * self.point_mlp(z_point)).view(len(z_point), -1, 2)
 
-    def _run_branch(self, blocks, start, style_at, collect=None):
+    def _run_branch(self, blocks, start, style_at, collect):
         """Blocks over cfg.resolutions on margin grids; style_at(res) gives block i's style input.
         Returns the last map with its margin, (B, C, S + 2 margin, S + 2 margin); appends every block's output,
-        margin cropped, to `collect` if given."""
+        margin cropped (a view), to the list `collect`."""
         h, res, m = start, self.cfg.resolutions, self.cfg.margin
         for i, (block, r) in enumerate(zip(blocks, res)):
             if i > 0 and r != res[i - 1]:
                 h = upsample_crop(h, m)
             h = block(h, style_at(r))
-            if collect is not None:
-                collect.append(crop(h, m))
+            collect.append(crop(h, m))
         return h
 
     def _downsample_to_margin_grid(self, x, r):
@@ -167,7 +166,7 @@ class GANSegGenerator(nn.Module):
         with return_features also "features": per block, coarse to fine, the mask, foreground and background
         branches' outputs side by side (GAN annotation's decoder input)."""
         cfg, K, m = self.cfg, self.cfg.num_parts, self.cfg.margin
-        levels = {"mask": [], "fg": [], "bg": []} if return_features else dict.fromkeys(("mask", "fg", "bg"))
+        levels = {"mask": [], "fg": [], "bg": []}  # every block's output per branch: GAN annotation's features
         if (points is None) == (z_point is None):
             raise ValueError("GANSegGenerator: pass exactly one of z_point or points")
         points = self.points(z_point) if points is None else points
