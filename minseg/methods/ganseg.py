@@ -25,8 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minseg.metrics import keypoint_scores
-from minseg.nets.blocks import (EMA, AdaINBlock, SPADEResBlock, d_logistic_loss, downsampling_trunk, g_logistic_loss,
-                                mlp, orthogonal_init, sn_conv)
+from minseg.nets.blocks import (EMA, AdaINBlock, SPADEResBlock, d_logistic_loss, downsampling_trunk, frozen,
+                                g_logistic_loss, mlp, orthogonal_init, sn_conv)
 from minseg.ops import composite, part_heatmaps, pixel_grid, positional_encoding
 from minseg.train import guarded_step
 from minseg.visual import draw_points, save_grid, show_test_parts, tint_parts
@@ -282,10 +282,9 @@ class GANSeg:
         self.d_steps += 1
 
         # generator: fool D; concentration and area penalties every penalty_every-th step
-        self.D.requires_grad_(False)
         out = self.G(**self.G.sample_codes(B, self.device))
-        loss_adv = g_logistic_loss(self.D(out["image"]))
-        self.D.requires_grad_(True)
+        with frozen(self.D):
+            loss_adv = g_logistic_loss(self.D(out["image"]))
         loss_con = concentration_loss(out["masks"], out["centres"])
         loss_area = area_loss(out["masks"], out["centres"], out["sigmas"], cfg.area_reference_size)
         loss_G = loss_adv

@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minseg.methods.independence import ForegroundCarver, PatchDiscriminator, PatchPool, area_penalty, optimizer_step
-from minseg.nets.blocks import d_logistic_loss, downsampling_trunk, g_logistic_loss
+from minseg.nets.blocks import d_logistic_loss, downsampling_trunk, frozen, g_logistic_loss
 from minseg.ops import composite, perturbation
 from minseg.visual import save_grid
 
@@ -120,7 +120,8 @@ class ClusterGAN:
         out = self.generate(len(x_real))
         loss_D = d_logistic_loss(self.D(x_real), self.D(out["image"].detach()))
         ok_D = optimizer_step(self.opt_D, loss_D)
-        loss_adv = g_logistic_loss(self.D(out["image"]))
+        with frozen(self.D):
+            loss_adv = g_logistic_loss(self.D(out["image"]))
         loss_area = area_penalty(out["alpha"], cfg.area_target)
         z_pred = self.Q(torch.cat([out["rgb"], out["alpha"]], 2).flatten(0, 1))  # (B N, z_dim)
         loss_info = F.mse_loss(z_pred, out["z"].flatten(0, 1))  # Gaussian NLL with unit variance, up to scale

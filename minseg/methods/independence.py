@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from minseg.data.transforms import hflip
 from minseg.nets import build_net
-from minseg.nets.blocks import EMA, d_logistic_loss, downsampling_trunk, g_logistic_loss, sn_conv
+from minseg.nets.blocks import EMA, d_logistic_loss, downsampling_trunk, frozen, g_logistic_loss, sn_conv
 from minseg.ops import composite
 from minseg.segmenter import LR_DECAYS
 from minseg.train import guarded_step
@@ -197,7 +197,8 @@ class ForegroundCarver:
         x_fake, mask = self.carve(x_real, self.backgrounds.sample(len(x_real), self.device))
         loss_D = d_logistic_loss(self.D(x_real), self.D(x_fake.detach()))
         ok_D = optimizer_step(self.opt_D, loss_D)
-        loss_adv = g_logistic_loss(self.D(x_fake))
+        with frozen(self.D):
+            loss_adv = g_logistic_loss(self.D(x_fake))
         loss_area = area_penalty(mask[:, None], cfg.area_target)
         ok_S = optimizer_step(self.opt_S, loss_adv + cfg.area_weight * loss_area)
         self.skipped_steps += (not ok_D) + (not ok_S)

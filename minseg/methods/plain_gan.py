@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from minseg.nets.blocks import EMA, d_hinge_loss, downsampling_trunk, g_hinge_loss, orthogonal_init, sn_conv
+from minseg.nets.blocks import EMA, d_hinge_loss, downsampling_trunk, frozen, g_hinge_loss, orthogonal_init, sn_conv
 from minseg.visual import save_grid
 
 
@@ -71,7 +71,9 @@ class PlainGAN:
         self.opt_D.zero_grad(set_to_none=True)
         loss_D.backward()
         self.opt_D.step()
-        loss_G = g_hinge_loss(self.D(self.G(z)["image"]))
+        x_fake = self.G(z)["image"]
+        with frozen(self.D):
+            loss_G = g_hinge_loss(self.D(x_fake))
         self.opt_G.zero_grad(set_to_none=True)
         loss_G.backward()
         self.opt_G.step()

@@ -5,6 +5,7 @@ prior).
 """
 
 import copy
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -141,6 +142,22 @@ class EMA:
             ema_p.lerp_(p.detach(), 1 - beta)
         for ema_b, b in zip(self.net.buffers(), net.buffers()):
             ema_b.copy_(b)
+
+
+@contextmanager
+def frozen(*nets):
+    """Inside the block the nets' parameters take no gradient: a generator's loss still flows through the
+    discriminator to the generator, without the discriminator's weight gradients that nobody would use (the
+    generator's gradients are the same). Each parameter's own requires_grad comes back afterwards."""
+    params = [p for net in nets for p in net.parameters()]
+    before = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
 
 
 def d_hinge_loss(real_logits, fake_logits):
