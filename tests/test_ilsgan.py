@@ -51,3 +51,12 @@ def test_training_step_matches_the_plain_transcript():
         for key in a:
             torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=f"{name}.{key}")
     assert all(p.requires_grad for p in [*ours.D.parameters(), *ours.E_pi.parameters()])
+
+
+def test_discriminator_rate_defaults_to_the_shared_one():
+    shared = small_method()
+    assert [g["lr"] for g in shared.opt_D.param_groups] == [shared.cfg.lr]
+    cfg = ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8, num_codes=4, lr=1e-4, lr_D=4e-4)
+    two_rates = ilsgan.ILSGAN(cfg)
+    assert [g["lr"] for g in two_rates.opt_D.param_groups] == [4e-4]
+    assert [g["lr"] for g in two_rates.opt_G.param_groups] == [1e-4]

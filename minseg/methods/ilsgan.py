@@ -38,7 +38,8 @@ class ILSGANConfig:
     g_bin: float = 2.0                  # PerturbGAN's binarisation weight (not given in the paper)
     g_bg: float = 2.0                   # background regulariser weight from round 2 (eq. 8)
     mask_size_loss: bool = False        # ablation: relu(0.25 - mean m) * 2 replaces the MI terms
-    lr: float = 2e-4
+    lr: float = 2e-4                    # Adam, G and (unless lr_D is set) D and E_pi
+    lr_D: float | None = None           # D and E_pi's own rate (two time-scale updates; not the paper's)
     betas: tuple = (0.5, 0.999)
     ema_beta: float = 0.999
 
@@ -164,7 +165,8 @@ class ILSGAN:
         self.E_pi = MaskEncoder(cfg).to(self.device)
         self.G_ema = EMA(self.G, cfg.ema_beta)
         self.opt_G = torch.optim.Adam(self.G.parameters(), cfg.lr, betas=cfg.betas)
-        self.opt_D = torch.optim.Adam([*self.D.parameters(), *self.E_pi.parameters()], cfg.lr, betas=cfg.betas)
+        self.opt_D = torch.optim.Adam([*self.D.parameters(), *self.E_pi.parameters()], cfg.lr_D or cfg.lr,
+                                      betas=cfg.betas)
         self.background_judge = None  # frozen segmenter S for L_bg (alternate training, round >= 2)
         self.skipped_steps = 0
 
