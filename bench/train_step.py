@@ -1,8 +1,8 @@
 """Benchmark of one GAN training step per method at its shapes preset: the step as shipped (the discriminator frozen
 while the generator's loss runs through it, `minseg.nets.blocks.frozen`) against the same step with the
 discriminator left trainable (so autograd also computes its weight gradients, which the generator's optimiser
-throws away). Both variants give the same parameters bit for bit (tests/test_ilsgan.py checks the layered GAN
-against a plain transcript); only the time differs.
+throws away). Both variants give the same parameters bit for bit (tests/test_blocks.py checks every method);
+only the time differs.
 
 Side by side, as bench/ops.py: every round times each variant once (a few steps each), in a rotating order, and the
 ratio is the median over rounds of (trainable time / frozen time) measured in the same round, so that load from

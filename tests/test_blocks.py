@@ -1,4 +1,9 @@
-"""Shared GAN blocks (minseg/nets/blocks.py): orthogonal init reaches spectrally normalised layers."""
+"""Shared GAN blocks (minseg/nets/blocks.py): orthogonal init reaches spectrally normalised layers; freezing a
+discriminator for the generator's step changes no parameter of any method."""
+import contextlib
+import importlib
+
+import pytest
 import torch
 import torch.nn as nn
 
@@ -30,3 +35,58 @@ def test_layered_gan_discriminator_starts_orthogonal():
     for m in convs:
         s = singular_values(m)
         assert torch.allclose(s, torch.ones_like(s), atol=1e-3), (m, s)
+
+
+def _small_methods():
+    """One small instance per method whose step runs a generator loss through a discriminator, with its real batch."""
+    from minseg.methods.ganseg import GANSeg, GANSegConfig, PRESETS
+    from minseg.methods.hoc import ClusterConfig, ClusterGAN
+    from minseg.methods.independence import ForegroundCarver, IndependenceConfig, PatchPool
+    from minseg.methods.plain_gan import PlainConfig, PlainGAN
+    pool = PatchPool(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)))
+    return {
+        "ilsgan": lambda: ilsgan.ILSGAN(ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8, num_codes=4)),
+        "plain_gan": lambda: PlainGAN(PlainConfig(size=32, z_dim=8, gen_width=4, disc_width=4)),
+        "independence": lambda: ForegroundCarver(IndependenceConfig(size=32, seg_width=4, seg_depth=2, disc_width=4),
+                                                 pool, torch.zeros(2, 3, 32, 32)),
+        "hoc": lambda: ClusterGAN(ClusterConfig(size=32, gen_width=8, disc_width=4, num_layers=2), pool),
+        "ganseg": lambda: GANSeg(GANSegConfig(**dict(PRESETS["shapes"], widths=(8, 8, 8), mask_width=8, emb_dim=8,
+                                                     spade_hidden=8, disc_width=4, z_dim=8))),
+    }
+
+
+@pytest.mark.parametrize("name", ["ilsgan", "plain_gan", "independence", "hoc", "ganseg"])
+def test_freezing_the_discriminator_changes_no_parameter(name, monkeypatch):
+    """Every method's generator step runs inside `frozen(D)`; with D left trainable instead, two steps must give the
+    same networks and optimiser states bit for bit (only D's unused weight gradients are skipped)."""
+    module = importlib.import_module(f"minseg.methods.{name}")
+    real = [torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(i)) * 2 - 1 for i in range(2)]
+
+    def train(freeze):
+        if not freeze:
+            monkeypatch.setattr(module, "frozen", lambda *nets: contextlib.nullcontext())
+        torch.manual_seed(0)
+        method = _small_methods()[name]()
+        for batch in real:
+            method.train_step({"image": batch})
+        monkeypatch.undo()
+        return method
+
+    def tensors(method):
+        nets = {k: v for k, v in vars(method).items() if isinstance(v, (nn.Module, torch.optim.Optimizer))}
+        return {f"{k}.{key}": t for k, net in nets.items() for key, t in _flat(net.state_dict())}
+
+    shipped, trainable = tensors(train(True)), tensors(train(False))
+    assert shipped.keys() == trainable.keys() and len(shipped) > 10
+    different = [k for k in shipped if not torch.equal(shipped[k], trainable[k])]
+    assert not different, different
+
+
+def _flat(state, prefix=""):
+    for key, value in state.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        elif isinstance(value, list):
+            yield from _flat(dict(enumerate(value)), f"{prefix}{key}.")
+        elif torch.is_tensor(value):
+            yield f"{prefix}{key}", value
