@@ -38,12 +38,13 @@ def test_layered_gan_discriminator_starts_orthogonal():
 
 
 def _small_methods():
-    """One small instance per method whose step runs a generator loss through a discriminator, with its real batch."""
+    """Factories of one small instance per method whose step runs a generator loss through a discriminator."""
     from minseg.methods.ganseg import GANSeg, GANSegConfig, PRESETS
     from minseg.methods.hoc import ClusterConfig, ClusterGAN
     from minseg.methods.independence import ForegroundCarver, IndependenceConfig, PatchPool
     from minseg.methods.plain_gan import PlainConfig, PlainGAN
-    pool = PatchPool(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3)))
+    noise = torch.Generator().manual_seed(3)
+    pool = PatchPool(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=noise))
     return {
         "ilsgan": lambda: ilsgan.ILSGAN(ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8, num_codes=4)),
         "plain_gan": lambda: PlainGAN(PlainConfig(size=32, z_dim=8, gen_width=4, disc_width=4)),

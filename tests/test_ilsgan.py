@@ -20,7 +20,8 @@ def reference_step(method, real):
     real_logits, _ = method.D(real)
     fake_logits, code_logits = method.D(fake)
     loss = F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
-    loss = loss + cfg.g_mi * (F.cross_entropy(code_logits, c) + F.cross_entropy(method.E_pi(out["mask"]), c // 2))
+    mi = F.cross_entropy(code_logits, c) + F.cross_entropy(method.E_pi(out["mask"]), c // cfg.group_size)
+    loss = loss + cfg.g_mi * mi
     method.opt_D.zero_grad(set_to_none=True)
     loss.backward()
     method.opt_D.step()
@@ -28,7 +29,7 @@ def reference_step(method, real):
     out = method.G(z, c)
     fake, mask = method.compose(out)
     fake_logits, code_logits = method.D(fake)
-    mi = F.cross_entropy(code_logits, c) + F.cross_entropy(method.E_pi(out["mask"]), c // 2)
+    mi = F.cross_entropy(code_logits, c) + F.cross_entropy(method.E_pi(out["mask"]), c // cfg.group_size)
     loss = -fake_logits.mean() + cfg.g_mi * mi + cfg.g_bin * torch.minimum(mask, 1 - mask).mean()
     method.opt_G.zero_grad(set_to_none=True)
     loss.backward()

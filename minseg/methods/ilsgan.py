@@ -165,8 +165,8 @@ class ILSGAN:
         self.E_pi = MaskEncoder(cfg).to(self.device)
         self.G_ema = EMA(self.G, cfg.ema_beta)
         self.opt_G = torch.optim.Adam(self.G.parameters(), cfg.lr, betas=cfg.betas)
-        self.opt_D = torch.optim.Adam([*self.D.parameters(), *self.E_pi.parameters()], cfg.lr_D or cfg.lr,
-                                      betas=cfg.betas)
+        lr_D = cfg.lr if cfg.lr_D is None else cfg.lr_D
+        self.opt_D = torch.optim.Adam([*self.D.parameters(), *self.E_pi.parameters()], lr_D, betas=cfg.betas)
         self.background_judge = None  # frozen segmenter S for L_bg (alternate training, round >= 2)
         self.skipped_steps = 0
 
