@@ -34,13 +34,14 @@ from tqdm import tqdm
 from minseg.distributed import (average_gradients, barrier, broadcast_modules, is_main, mean_over_ranks, rank,
                                 rank0_says, world_size)
 
-# Schedule fields that only say how long to train (or log): they may change on --resume, e.g. to extend a run.
+# Schedule fields that may change on --resume: those that only say how long to train (or log), e.g. to extend a
+# run, and those that say how the final segmenter is made (final_*), which act only after the GAN phase.
 LENGTH_FIELDS = ("rounds", "eval_layers")
 MISSING = "<missing>"  # a settings field one side does not have
 
 
-def is_length_field(name):
-    return name in LENGTH_FIELDS or name.endswith("_images") or name.endswith("_steps")
+def may_change_on_resume(name):
+    return name in LENGTH_FIELDS or name.endswith("_images") or name.endswith("_steps") or name.startswith("final_")
 
 
 class CollapseError(RuntimeError):
@@ -127,11 +128,12 @@ def setting_differences(saved, current):
 
 def check_resumable(saved, config, schedule, path):
     """Raise ValueError naming every config / schedule field that differs from the checkpoint's, except schedule
-    lengths (LENGTH_FIELDS, *_images, *_steps), which may change to shorten or extend a run, and fields the
+    lengths (LENGTH_FIELDS, *_images, *_steps) and final_* fields, which may change (to shorten or extend a run, or
+    to remake its final segmenter), and fields the
     checkpoint does not have (added to minseg since): those are printed."""
     config_diff = setting_differences(saved.get("config", config), config)
     schedule_diff = setting_differences(saved.get("schedule", schedule), schedule)
-    lengths = {k: v for k, v in schedule_diff.items() if is_length_field(k)}
+    lengths = {k: v for k, v in schedule_diff.items() if may_change_on_resume(k)}
     added = {k: v for k, v in {**config_diff, **schedule_diff}.items() if v[0] == MISSING}
     wrong = [("config", k, v) for k, v in config_diff.items() if k not in added]
     wrong += [("schedule", k, v) for k, v in schedule_diff.items() if k not in lengths and k not in added]
@@ -145,7 +147,8 @@ def check_resumable(saved, config, schedule, path):
         print("--resume: settings newer than the checkpoint, used as they are now: "
               + ", ".join(f"{k}={new!r}" for k, (_, new) in added.items()))
     if lengths:
-        print("--resume: schedule lengths differ from the checkpoint's (the run continues to the new ones): "
+        print("--resume: schedule lengths or final_* settings differ from the checkpoint's (the run goes on with "
+              "the new ones): "
               + ", ".join(f"{k} {old} -> {new}" for k, (old, new) in lengths.items()))
 
 

@@ -1,14 +1,16 @@
 """Shared GAN blocks (minseg/nets/blocks.py): orthogonal init reaches spectrally normalised layers; freezing a
 discriminator for the generator's step changes no parameter of any method."""
 import contextlib
+import copy
 import importlib
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from minseg.methods import ilsgan
-from minseg.nets.blocks import orthogonal_init, sn_conv, sn_linear
+from minseg.nets.blocks import orthogonal_init, sn_conv, sn_linear, standing_statistics
 
 
 def singular_values(layer):
@@ -91,3 +93,35 @@ def _flat(state, prefix=""):
             yield from _flat(dict(enumerate(value)), f"{prefix}{key}.")
         elif torch.is_tensor(value):
             yield f"{prefix}{key}", value
+
+
+def test_standing_statistics_average_the_nets_own_batch_statistics():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2), nn.BatchNorm1d(2, momentum=0.3))
+    inputs = [torch.randn(16, 3) * 2 + 1 for _ in range(5)]
+    params = [p.clone() for p in net.parameters()]
+    feed = iter(inputs)
+    standing_statistics(net, lambda: (next(feed),), batches=5)
+    # independently: each BatchNorm's input per batch, in train mode, then the plain mean over the 5 batches
+    expected_mean, expected_var = [[], []], [[], []]
+    reference = copy.deepcopy(net).train()
+    for x in inputs:
+        h = reference[0](x)
+        expected_mean[0].append(h.mean(0)), expected_var[0].append(h.var(0))
+        h = reference[3](F.relu(F.batch_norm(h, None, None, reference[1].weight, reference[1].bias, training=True)))
+        expected_mean[1].append(h.mean(0)), expected_var[1].append(h.var(0))
+    for bn, means, variances in zip((net[1], net[4]), expected_mean, expected_var):
+        assert torch.allclose(bn.running_mean, torch.stack(means).mean(0), atol=1e-5)
+        assert torch.allclose(bn.running_var, torch.stack(variances).mean(0), atol=1e-5)
+    assert not net.training and net[1].momentum == 0.1 and net[4].momentum == 0.3
+    assert all(torch.equal(p, q) for p, q in zip(params, net.parameters()))
+
+
+def test_standing_statistics_with_no_batches_leave_the_net_alone():
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    net[1].running_mean.fill_(0.5)
+
+    def never():
+        raise AssertionError("no batch may be drawn (the random stream must stay as it was)")
+    standing_statistics(net, never, batches=0)
+    assert (net[1].running_mean == 0.5).all()

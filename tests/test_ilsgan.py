@@ -61,3 +61,15 @@ def test_discriminator_rate_defaults_to_the_shared_one():
     two_rates = ilsgan.ILSGAN(cfg)
     assert [g["lr"] for g in two_rates.opt_D.param_groups] == [4e-4]
     assert [g["lr"] for g in two_rates.opt_G.param_groups] == [1e-4]
+
+
+def test_settle_sampler_measures_the_ema_generators_own_statistics_only_when_asked():
+    method = small_method()
+    method.train_step({"image": torch.rand(4, 3, 32, 32) * 2 - 1})
+    norm = method.G_ema.net.trunk[0][1]  # the trunk's first BatchNorm1d, copied from G at the EMA update
+    copied = norm.running_mean.clone()
+    rng = torch.get_rng_state()
+    method.settle_sampler(0, 8)  # final_standing_stats = 0: nothing happens, no random number is drawn
+    assert torch.equal(norm.running_mean, copied) and torch.equal(torch.get_rng_state(), rng)
+    method.settle_sampler(4, 8)
+    assert not torch.equal(norm.running_mean, copied) and not method.G_ema.net.training

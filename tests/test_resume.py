@@ -115,6 +115,14 @@ def test_start_run_resumes_and_checks_settings(tmp_path, capsys):
         assert text in message, message
     assert "gan_images" not in message and "extra" not in message
 
+    # a final_* setting (how the final segmenter is made, after the GAN phase) may change like a length
+    start_run(tmp_path, Tiny(), {"images_seen": 0}, config, dict(schedule, final_lr_decay="cosine"), resume=True)
+    assert "resumed" in capsys.readouterr().out
+    saved["schedule"]["final_lr_decay"] = "constant"
+    torch.save(saved, tmp_path / "checkpoint.pt")
+    start_run(tmp_path, Tiny(), {"images_seen": 0}, config, dict(schedule, final_lr_decay="cosine"), resume=True)
+    assert "final_lr_decay constant -> cosine" in capsys.readouterr().out
+
     # a field the checkpoint lacks (added to minseg since it was written) resumes with its current value, said so
     start_run(tmp_path, Tiny(), {"images_seen": 0}, {**config, "extra": 1}, dict(schedule, lr_decay="cosine"),
               resume=True)

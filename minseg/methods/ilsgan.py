@@ -15,8 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minseg.nets.blocks import (EMA, ResBlock, UpBlock, d_hinge_loss, downsampling_trunk, frozen, g_hinge_loss,
-                                orthogonal_init, sn_conv, sn_linear)
+                                orthogonal_init, sn_conv, sn_linear, standing_statistics)
 from minseg.ops import composite, perturbation
+from minseg.segmenter import LR_DECAYS
 from minseg.train import guarded_step
 from minseg.visual import save_grid
 
@@ -185,6 +186,10 @@ class ILSGAN:
         image, warped = composite(out["foreground"][:, None], out["mask"][:, None], background, theta)
         return image, warped[:, 0]
 
+    def settle_sampler(self, batches, batch_size=32):
+        """Before G_ema makes a data set: its BatchNorm statistics measured on `batches` batches of its own samples."""
+        standing_statistics(self.G_ema.net, lambda: self.G.sample_codes(batch_size, self.device), batches)
+
     @torch.no_grad()
     def sample_pairs(self, batch, perturb=True):
         """Synthetic (image, mask) pairs from the EMA generator: the data set the segmenter learns from (eq. 7)."""
@@ -277,10 +282,19 @@ class Schedule:
     gan_images: int = 40_000     # images seen by D per round
     judge_steps: int = 300       # steps of the background judge S after each round but the last
     final_steps: int = 1500      # steps of the final segmenter on synthetic pairs (appendix C.3)
+    final_lr_decay: str = "constant"  # its Adam rate: "constant" or "cosine" (to 0; C.3 gives only the initial 1e-3)
+    final_standing_stats: int = 0  # > 0: first re-measure G_ema's BatchNorm statistics on this many sample batches
     seg_width: int = 32          # U-Net channels at full resolution (judge and final segmenter)
     batch_size: int = 32
     tick_images: int = 2_000
     snapshot_images: int = 10_000
+
+    def __post_init__(self):  # checked now, not after the GAN phase
+        if isinstance(self.final_standing_stats, bool) or not isinstance(self.final_standing_stats, int) \
+                or self.final_standing_stats < 0:
+            raise ValueError(f"final_standing_stats must be an int >= 0, got {self.final_standing_stats!r}")
+        if self.final_lr_decay not in LR_DECAYS:
+            raise ValueError(f"final_lr_decay must be one of {LR_DECAYS}, got {self.final_lr_decay!r}")
 
 
 SCHEDULES = {
@@ -345,11 +359,12 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     if not distributed.is_main():
         return {}  # under torchrun, rank 0 alone trains the final segmenter and scores it
     extra = {"skipped_steps": method.skipped_steps}
+    method.settle_sampler(schedule.final_standing_stats, schedule.batch_size)
     if test_set.labels is not None and cfg.g_mi > 0 and not cfg.mask_size_loss:
         extra["nmi"] = code_nmi(method, test_set)
     _, metrics = finish("ilsgan", pair_stream(method.sample_pairs, schedule.batch_size), test_set, out_dir,
                         net=segmenter(), steps=schedule.final_steps, batch_size=schedule.batch_size, device=device,
-                        extra=extra, progress=progress)
+                        extra=extra, progress=progress, lr_decay=schedule.final_lr_decay)
     return metrics
 
 

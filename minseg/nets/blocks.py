@@ -1,7 +1,7 @@
 """Building blocks shared by the GANs of every method: up/down blocks, spectral norm, orthogonal init, 3-layer
 MLPs, style-conditioned blocks (SPADE and its ResBlock on style maps, AdaIN on style vectors: GANSeg), EMA of a
-generator, and the adversarial losses (hinge: ILSGAN eq. 6; non-saturating logistic: GANSeg and the independence
-prior).
+generator and standing BatchNorm statistics, and the adversarial losses (hinge: ILSGAN eq. 6; non-saturating
+logistic: GANSeg and the independence prior).
 """
 
 import copy
@@ -142,6 +142,30 @@ class EMA:
             ema_p.lerp_(p.detach(), 1 - beta)
         for ema_b, b in zip(self.net.buffers(), net.buffers()):
             ema_b.copy_(b)
+
+
+@torch.no_grad()
+def standing_statistics(net, make_inputs, batches):
+    """BigGAN's "standing statistics": replace every BatchNorm's running mean and variance by the average of
+    `batches` batches' statistics of this very net (make_inputs() -> a tuple of forward arguments), then eval mode.
+
+    An EMA generator copies its running statistics from the trained generator, whose weights differ from the
+    average's, so in eval mode it normalises with statistics of another net; this measures its own. Restores each
+    layer's momentum; a net without BatchNorm, or batches = 0, is left as it is.
+    """
+    norms = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if batches <= 0 or not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+    net.train()
+    for _ in range(batches):
+        net(*make_inputs())
+    net.eval()
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
 
 
 @contextmanager
