@@ -129,8 +129,8 @@ def setting_differences(saved, current):
 def check_resumable(saved, config, schedule, path):
     """Raise ValueError naming every config / schedule field that differs from the checkpoint's, except schedule
     lengths (LENGTH_FIELDS, *_images, *_steps) and final_* fields, which may change (to shorten or extend a run, or
-    to remake its final segmenter), and fields the
-    checkpoint does not have (added to minseg since): those are printed."""
+    to remake its final segmenter), and fields the checkpoint does not have (added to minseg since): those are
+    printed."""
     config_diff = setting_differences(saved.get("config", config), config)
     schedule_diff = setting_differences(saved.get("schedule", schedule), schedule)
     lengths = {k: v for k, v in schedule_diff.items() if may_change_on_resume(k)}
