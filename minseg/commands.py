@@ -97,8 +97,13 @@ def method_settings(args):
         preset["size"] = args.size
     cfg = config_cls(**{**preset, **config_over})
     steps_key = "distill_steps" if args.method == "independence" else "final_steps"
-    schedule = module.make_schedule(args.schedule, data_key, gan_images=args.gan_images, batch_size=args.batch_size,
-                                    **{steps_key: args.final_steps}, **schedule_over)
+    flags = {"gan_images": ("--gan-images", args.gan_images), "batch_size": ("--batch-size", args.batch_size),
+             steps_key: ("--final-steps", args.final_steps)}
+    for name, (flag, value) in flags.items():  # a flag and --set of the same field: one value, given once
+        if name in schedule_over and value is not None:
+            args.parser.error(f"{flag} and --set {name}=... both set {name}; give it once")
+        schedule_over.setdefault(name, value)
+    schedule = module.make_schedule(args.schedule, data_key, **schedule_over)
     return cfg, schedule
 
 

@@ -18,21 +18,37 @@ def pair_stream(sample_fn, batch_size):
 
 
 def finish(name, pairs, test_set, out_dir, net="unet", num_classes=1, steps=2000, loss="bce", lr=1e-3,
-           batch_size=32, device="cpu", extra=None, more_scores=None, progress=True, lr_decay="constant"):
+           batch_size=32, device="cpu", extra=None, more_scores=None, progress=True, lr_decay="constant",
+           real_set=None, self_train_steps=0, self_train_fresh=False):
     """Train a fresh segmenter on `pairs` (an iterator of batches), score it on `test_set`, write results.
 
     Returns (segmenter, metrics dict). `extra` holds method-specific numbers added to the table (e.g. NMI);
     more_scores(segmenter) -> dict adds scores of the trained segmenter (e.g. GANSeg's keypoint errors).
+    self_train_steps > 0: then train it `self_train_steps` more steps on `real_set`'s images (never its masks)
+    labelled by its own predictions; the scores before that step are kept with the prefix "synthetic_".
     """
     from minseg.metrics import format_table
-    from minseg.segmenter import evaluate_segmenter, save_segmenter, train_segmenter
+    from minseg.nets import build_net
+    from minseg.segmenter import evaluate_segmenter, pseudo_labelled, save_segmenter, train_segmenter
+    if self_train_steps and real_set is None:
+        raise ValueError("self-training needs the real training images (real_set)")
     out_dir = Path(out_dir)
     start = time.time()
     segmenter = train_segmenter(pairs, net=net, num_classes=num_classes, steps=steps, lr=lr, batch_size=batch_size,
                                 loss=loss, device=device, progress=progress, log_path=out_dir / "segmenter.jsonl",
                                 lr_decay=lr_decay)
-    metrics = evaluate_segmenter(segmenter, test_set)
-    metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, torch.Tensor))}
+    scores = lambda net: {k: v for k, v in evaluate_segmenter(net, test_set).items()
+                          if not isinstance(v, (list, torch.Tensor))}
+    metrics = scores(segmenter)
+    if self_train_steps:
+        before = {f"synthetic_{k}": metrics[k] for k in ("iou", "acc", "miou")}
+        labelled = pseudo_labelled(segmenter, real_set)
+        if self_train_fresh:
+            segmenter = build_net(segmenter.kind, **segmenter.config)
+        segmenter = train_segmenter(labelled, net=segmenter, steps=self_train_steps, lr=lr, batch_size=batch_size,
+                                    loss=loss, device=device, progress=progress,
+                                    log_path=out_dir / "self-train.jsonl")
+        metrics = {**scores(segmenter), **before}
     metrics.update(extra or {})
     metrics.update(more_scores(segmenter) if more_scores else {})
     metrics["segmenter_seconds"] = round(time.time() - start, 1)

@@ -164,6 +164,19 @@ def predict(net, images, batch_size=64):
     return torch.cat(out) if out else torch.zeros(0, *images.shape[-2:], dtype=torch.long)
 
 
+def pseudo_labelled(net, real_set, batch_size=64):
+    """`real_set`'s images labelled by `net`: masks (and parts, for a K + 1 class net) are its predictions.
+
+    The real set's own masks, parts and labels are never read; the copy keeps images, boxes and names only.
+    """
+    from minseg.data.base import SegmentationSet
+    labels = predict(net, real_set.images, batch_size)  # (N, H, W) long
+    parts = labels.to(torch.uint8) if net.num_classes > 1 else None
+    return SegmentationSet(images=real_set.images, masks=(labels > 0).to(torch.uint8)[:, None], parts=parts,
+                           num_parts=net.num_classes - 1, boxes=real_set.boxes, names=list(real_set.names),
+                           protocol=f"{real_set.protocol}, labelled by a segmenter")
+
+
 def evaluate_segmenter(net, ds, batch_size=64):
     """Foreground scores of `net` on a data set with masks (foreground = predicted class != 0).
 

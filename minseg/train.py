@@ -133,7 +133,7 @@ def check_resumable(saved, config, schedule, path):
     printed."""
     config_diff = setting_differences(saved.get("config", config), config)
     schedule_diff = setting_differences(saved.get("schedule", schedule), schedule)
-    lengths = {k: v for k, v in schedule_diff.items() if may_change_on_resume(k)}
+    lengths = {k: v for k, v in schedule_diff.items() if may_change_on_resume(k) and v[0] != MISSING}
     added = {k: v for k, v in {**config_diff, **schedule_diff}.items() if v[0] == MISSING}
     wrong = [("config", k, v) for k, v in config_diff.items() if k not in added]
     wrong += [("schedule", k, v) for k, v in schedule_diff.items() if k not in lengths and k not in added]

@@ -36,6 +36,7 @@ def error_of(argv, capsys):
     (["--set", "gen_width=None"], "--set gen_width=None: expected an integer"),  # None only where the type allows it
     (["--size", "48"], "size must be a power of two >= 8"),
     (["--method", "independence", "--size", "40"], "size must be a multiple of 16"),
+    (["--set", "gan_images=16"], "--gan-images and --set gan_images=... both set gan_images; give it once"),
 ])
 def test_bad_method_arguments_name_what_to_fix(args, message, capsys, tmp_path):
     assert message in error_of(["shapes", *TINY, "--out", str(tmp_path / "run"), *args], capsys)
@@ -63,6 +64,14 @@ def test_bad_paths(capsys, tmp_path):
 
 def settings_of(argv):
     return method_settings(build_parser().parse_args(argv))
+
+
+def test_a_schedule_field_with_a_flag_may_come_from_either():
+    _, by_flag = settings_of(["shapes", "--final-steps", "7", "--gan-images", "64"])
+    _, by_set = settings_of(["shapes", "--set", "final_steps=7", "--set", "gan_images=64"])
+    assert by_flag == by_set and by_set.final_steps == 7 and by_set.gan_images == 64
+    _, distill = settings_of(["shapes", "--method", "independence", "--set", "distill_steps=9"])
+    assert distill.distill_steps == 9
 
 
 def test_ganseg_size_scales_its_pyramid():

@@ -36,6 +36,16 @@ def test_each_method_runs_on_shapes(method, tmp_path, capsys):
     assert "results:" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("method", ["ilsgan", "ganseg"])
+def test_self_training_reports_the_scores_before_and_after(method, tmp_path):
+    out = tmp_path / method
+    assert main(["shapes", "--method", method, "--out", str(out), *COMMON, *TINY[method],
+                 "--set", "final_self_train=2"]) == 0
+    scores = results(out)
+    assert {"iou", "synthetic_iou", "synthetic_acc", "synthetic_miou"} <= set(scores)
+    assert len((out / "self-train.jsonl").read_text().splitlines()) == 1
+
+
 def test_cub_runs_end_to_end_on_the_cub_layout(tmp_path):
     from cub_fixture import METADATA, make_cub_fixture
     if not METADATA.is_dir():

@@ -14,7 +14,8 @@ from minseg.cli import main
 from minseg.data.base import SegmentationSet
 from minseg.metrics import segmentation_scores
 from minseg.nets import DeepLab, UNet, build_net
-from minseg.segmenter import (evaluate_segmenter, load_segmenter, predict, save_segmenter, segmentation_loss,
+from minseg.segmenter import (evaluate_segmenter, load_segmenter, predict, pseudo_labelled, save_segmenter,
+                              segmentation_loss,
                               train_segmenter)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -162,6 +163,46 @@ def test_evaluate_segmenter_matches_metrics():
     assert evaluate_segmenter(red_channel_net(), ds, batch_size=4) == pytest.approx(expected)
     with pytest.raises(ValueError, match="no masks"):
         evaluate_segmenter(red_channel_net(), SegmentationSet(images=images))
+
+
+def test_pseudo_labels_are_the_nets_predictions_never_the_sets_labels():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=g)
+    truth = dict(masks=torch.randint(0, 2, (10, 1, 8, 8), dtype=torch.uint8, generator=g),
+                 parts=torch.randint(0, 3, (10, 8, 8), dtype=torch.uint8, generator=g), num_parts=2,
+                 labels=torch.arange(10), boxes=torch.zeros(10, 4))
+    ds = SegmentationSet(images=images, protocol="toy", **truth)
+    binary = red_channel_net()
+    binary.num_classes = 1
+    labelled = pseudo_labelled(binary, ds, batch_size=3)
+    assert labelled.masks[:, 0].tolist() == (images[:, 0] > 127).long().tolist()  # red logit r / 127.5 - 1 > 0
+    assert labelled.parts is None and labelled.labels is None and torch.equal(labelled.images, images)
+    three = red_channel_net(3)
+    three.num_classes = 3
+    labelled = pseudo_labelled(three, ds)
+    assert labelled.parts.tolist() == predict(three, images).tolist() and labelled.num_parts == 2
+    assert labelled.masks[:, 0].tolist() == (labelled.parts > 0).long().tolist()
+    assert "labelled by a segmenter" in labelled.protocol
+
+
+def test_finish_self_trains_on_real_images_labelled_by_its_segmenter(tmp_path):
+    from minseg.pipeline import finish
+    to_set = lambda batch, masks: SegmentationSet(images=((batch["image"] + 1) * 127.5).round().to(torch.uint8),
+                                                  masks=masks.to(torch.uint8), protocol="toy")
+    real = toy_batches(64, generator=torch.Generator().manual_seed(1))
+    test = toy_batches(64, generator=torch.Generator().manual_seed(2))
+    real_set = to_set(real, torch.zeros_like(real["mask"]))  # wrong masks: self-training must not read them
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    pairs = iter(lambda: toy_batches(16, generator=g), None)
+    kwargs = dict(net=build_net("unet", width=8, depth=2), steps=60, lr=3e-3, batch_size=16, progress=False)
+    with pytest.raises(ValueError, match="needs the real training images"):
+        finish("toy", pairs, to_set(test, test["mask"]), tmp_path, self_train_steps=5, **kwargs)
+    net, metrics = finish("toy", pairs, to_set(test, test["mask"]), tmp_path, real_set=real_set, self_train_steps=20,
+                          **kwargs)
+    assert metrics["synthetic_iou"] > 0.9 and metrics["iou"] > 0.9
+    assert len((tmp_path / "self-train.jsonl").read_text().splitlines()) == 1  # one line per 50 steps, and the last
+    assert json.loads((tmp_path / "results.json").read_text())["iou"] == metrics["iou"]
 
 
 @pytest.mark.parametrize("kind", ["unet", "deeplab"])

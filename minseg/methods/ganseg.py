@@ -346,6 +346,7 @@ class GANSeg:
 class Schedule:
     gan_images: int = 100_000    # real images seen by D (one D and one G step per batch)
     final_steps: int = 2000      # DeepLab steps on generated pairs (paper: 10,000)
+    final_self_train: int = 0    # > 0: then this many steps on the real train images labelled by DeepLab
     batch_size: int = 16
     seg_batch_size: int = 32
     seg_lr: float = 3e-4         # Adam, appendix B.4
@@ -399,6 +400,7 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
                                 out_dir, net="deeplab", num_classes=K + 1, steps=schedule.final_steps,
                                 loss="ce_dice", lr=schedule.seg_lr, batch_size=schedule.seg_batch_size, device=device,
                                 extra={"skipped_steps": method.skipped_steps}, progress=progress,
+                                real_set=train_set, self_train_steps=schedule.final_self_train,
                                 more_scores=lambda seg: keypoint_scores(seg, train_set, test_set,
                                                                         schedule.keypoint_fit_images))
     show_test_parts(segmenter, test_set, out_dir / "test-parts.png", K)

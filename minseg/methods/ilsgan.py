@@ -284,6 +284,8 @@ class Schedule:
     final_steps: int = 1500      # steps of the final segmenter on synthetic pairs (appendix C.3)
     final_lr_decay: str = "constant"  # its Adam rate: "constant" or "cosine" (to 0; C.3 gives only the initial 1e-3)
     final_standing_stats: int = 0  # > 0: first re-measure G_ema's BatchNorm statistics on this many sample batches
+    final_self_train: int = 0    # > 0: then this many steps on the real train images labelled by the segmenter
+    final_self_train_fresh: bool = False
     seg_width: int = 32          # U-Net channels at full resolution (judge and final segmenter)
     batch_size: int = 32
     tick_images: int = 2_000
@@ -364,7 +366,8 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
         extra["nmi"] = code_nmi(method, test_set)
     _, metrics = finish("ilsgan", pair_stream(method.sample_pairs, schedule.batch_size), test_set, out_dir,
                         net=segmenter(), steps=schedule.final_steps, batch_size=schedule.batch_size, device=device,
-                        extra=extra, progress=progress, lr_decay=schedule.final_lr_decay)
+                        extra=extra, progress=progress, lr_decay=schedule.final_lr_decay, real_set=train_set,
+                        self_train_steps=schedule.final_self_train, self_train_fresh=schedule.final_self_train_fresh)
     return metrics
 
 
