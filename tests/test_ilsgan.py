@@ -1,4 +1,5 @@
 """The layered GAN's training step (minseg/methods/ilsgan.py) against an independent transcript of eq. 5-6."""
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -73,3 +74,18 @@ def test_settle_sampler_measures_the_ema_generators_own_statistics_only_when_ask
     assert torch.equal(norm.running_mean, copied) and torch.equal(torch.get_rng_state(), rng)
     method.settle_sampler(4, 8)
     assert not torch.equal(norm.running_mean, copied) and not method.G_ema.net.training
+    assert any(not torch.equal(a, b) for a, b in zip(method.G_ema.net.parameters(), method.G.parameters()))
+    method.settle_sampler(0, 8, raw=True)  # final_sampler = "raw": the trained G's weights and statistics
+    for (name, a), b in zip(method.G_ema.net.state_dict().items(), method.G.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert method.G_ema.net is not method.G and not method.G_ema.net.training
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("final_sampler", "average", "final_sampler must be 'ema' or 'raw'"),
+    ("final_lr_decay", "linear", "final_lr_decay must be one of"),
+    ("final_standing_stats", -1, "final_standing_stats must be an int >= 0"),
+])
+def test_schedule_refuses_bad_final_settings_before_training(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ilsgan.Schedule(**{field: value})

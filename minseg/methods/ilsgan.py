@@ -186,8 +186,11 @@ class ILSGAN:
         image, warped = composite(out["foreground"][:, None], out["mask"][:, None], background, theta)
         return image, warped[:, 0]
 
-    def settle_sampler(self, batches, batch_size=32):
-        """Before G_ema makes a data set: its BatchNorm statistics measured on `batches` batches of its own samples."""
+    def settle_sampler(self, batches, batch_size=32, raw=False):
+        """Before G_ema makes a data set: with `raw`, it takes the trained G's weights and statistics in place of their
+        average; then its BatchNorm statistics are measured on `batches` batches of its own samples (0: kept)."""
+        if raw:
+            self.G_ema.net.load_state_dict(self.G.state_dict())
         standing_statistics(self.G_ema.net, lambda: self.G.sample_codes(batch_size, self.device), batches)
 
     @torch.no_grad()
@@ -284,6 +287,7 @@ class Schedule:
     final_steps: int = 1500      # steps of the final segmenter on synthetic pairs (appendix C.3)
     final_lr_decay: str = "constant"  # its Adam rate: "constant" or "cosine" (to 0; C.3 gives only the initial 1e-3)
     final_standing_stats: int = 0  # > 0: first re-measure G_ema's BatchNorm statistics on this many sample batches
+    final_sampler: str = "ema"   # the final data set's generator: "ema" (G averaged, common in this family) or "raw"
     final_self_train: int = 0    # > 0: then this many steps on the real train images labelled by the segmenter
     final_self_train_fresh: bool = False
     seg_width: int = 32          # U-Net channels at full resolution (judge and final segmenter)
@@ -295,6 +299,8 @@ class Schedule:
         if isinstance(self.final_standing_stats, bool) or not isinstance(self.final_standing_stats, int) \
                 or self.final_standing_stats < 0:
             raise ValueError(f"final_standing_stats must be an int >= 0, got {self.final_standing_stats!r}")
+        if self.final_sampler not in ("ema", "raw"):
+            raise ValueError(f"final_sampler must be 'ema' or 'raw', got {self.final_sampler!r}")
         if self.final_lr_decay not in LR_DECAYS:
             raise ValueError(f"final_lr_decay must be one of {LR_DECAYS}, got {self.final_lr_decay!r}")
 
@@ -361,7 +367,7 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     if not distributed.is_main():
         return {}  # under torchrun, rank 0 alone trains the final segmenter and scores it
     extra = {"skipped_steps": method.skipped_steps}
-    method.settle_sampler(schedule.final_standing_stats, schedule.batch_size)
+    method.settle_sampler(schedule.final_standing_stats, schedule.batch_size, raw=schedule.final_sampler == "raw")
     if test_set.labels is not None and cfg.g_mi > 0 and not cfg.mask_size_loss:
         extra["nmi"] = code_nmi(method, test_set)
     _, metrics = finish("ilsgan", pair_stream(method.sample_pairs, schedule.batch_size), test_set, out_dir,
