@@ -79,7 +79,7 @@ def output_dir(text):
 
 def check_settings(cls, values):
     """Check `--set` values against the dataclass `cls`'s field defaults: the same kind of value (bool, int, float,
-    tuple of numbers, text; None where the field's type allows it), finite numbers, ints >= 1 (margins >= 0), schedule
+    tuple of numbers, text; None where the field's type allows it), finite numbers, ints >= 1 (>= 0 for margins and fields whose default is 0), schedule
     numbers positive. Returns the values (lists as tuples); a ValueError names the setting and what it expects."""
     import dataclasses
     import math
@@ -101,7 +101,7 @@ def check_settings(cls, values):
         elif isinstance(default, int):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise bad("an integer")
-            lowest = 0 if "margin" in name else 1
+            lowest = 0 if "margin" in name or default == 0 else 1  # a field off at 0 may be set to 0
             if value < lowest:
                 raise bad(f"an integer >= {lowest}")
         elif isinstance(default, float):

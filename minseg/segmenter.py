@@ -3,7 +3,8 @@
 Every method ends the same way: a segmenter (minseg.nets) trained on (image, mask) pairs - generated pairs for
 the layered GAN (ILSGAN eq. 7, BCE, colour augmentation), carved-foreground composites for the independence
 prior's distillation (App. 1, smooth-L1 on the soft teacher mask), argmax part maps for GANSeg (DeepLab, CE +
-Dice), labelled real images for the supervised upper bound. `train_segmenter` takes any source of batches:
+Dice), labelled real images for the supervised upper bound, or real images labelled by a trained segmenter
+(`pseudo_labelled`, for optional self-training; not in the papers). `train_segmenter` takes any source of batches:
 
     a data set with .sampler (SegmentationSet): its augmented sampler(batch_size, generator=..., device=...);
     a callable: called as source(batch_size) once per step;

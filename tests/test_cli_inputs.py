@@ -74,6 +74,13 @@ def test_a_schedule_field_with_a_flag_may_come_from_either():
     assert distill.distill_steps == 9
 
 
+def test_a_field_off_at_zero_may_be_set_to_zero_but_not_below(capsys, tmp_path):
+    _, schedule = settings_of(["shapes", "--set", "final_self_train=0", "--set", "final_standing_stats=0"])
+    assert schedule.final_self_train == 0 and schedule.final_standing_stats == 0
+    assert "--set final_self_train=-1: expected an integer >= 0" in error_of(
+        ["shapes", *TINY, "--out", str(tmp_path / "run"), "--set", "final_self_train=-1"], capsys)
+
+
 def test_ganseg_size_scales_its_pyramid():
     cfg, _ = settings_of(["shapes", "--method", "ganseg", "--size", "32"])
     assert cfg.size == 32 and cfg.resolutions == (8, 16, 32)

@@ -289,7 +289,7 @@ class Schedule:
     final_standing_stats: int = 0  # > 0: first re-measure G_ema's BatchNorm statistics on this many sample batches
     final_sampler: str = "ema"   # the final data set's generator: "ema" (G averaged, common in this family) or "raw"
     final_self_train: int = 0    # > 0: then this many steps on the real train images labelled by the segmenter
-    final_self_train_fresh: bool = False
+    final_self_train_fresh: bool = False  # self-train a fresh U-Net instead of the one that made the labels
     seg_width: int = 32          # U-Net channels at full resolution (judge and final segmenter)
     batch_size: int = 32
     tick_images: int = 2_000
