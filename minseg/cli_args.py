@@ -79,8 +79,9 @@ def output_dir(text):
 
 def check_settings(cls, values):
     """Check `--set` values against the dataclass `cls`'s field defaults: the same kind of value (bool, int, float,
-    tuple of numbers, text; None where the field's type allows it), finite numbers, ints >= 1 (>= 0 for margins and fields whose default is 0), schedule
-    numbers positive. Returns the values (lists as tuples); a ValueError names the setting and what it expects."""
+    tuple of numbers, text; None where the field's type allows it), finite numbers, ints >= 1 (>= 0 for margins and
+    fields off at 0), schedule numbers positive. Returns the values (lists as tuples); a ValueError names the setting
+    and what it expects."""
     import dataclasses
     import math
     defaults = {f.name: f.default for f in dataclasses.fields(cls)}

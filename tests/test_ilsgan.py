@@ -85,6 +85,7 @@ def test_settle_sampler_measures_the_ema_generators_own_statistics_only_when_ask
     ("final_sampler", "average", "final_sampler must be 'ema' or 'raw'"),
     ("final_lr_decay", "linear", "final_lr_decay must be one of"),
     ("final_standing_stats", -1, "final_standing_stats must be an int >= 0"),
+    ("final_self_train", -5, "final_self_train must be an int >= 0"),
 ])
 def test_schedule_refuses_bad_final_settings_before_training(field, value, message):
     with pytest.raises(ValueError, match=message):

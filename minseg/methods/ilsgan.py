@@ -296,9 +296,10 @@ class Schedule:
     snapshot_images: int = 10_000
 
     def __post_init__(self):  # checked now, not after the GAN phase
-        if isinstance(self.final_standing_stats, bool) or not isinstance(self.final_standing_stats, int) \
-                or self.final_standing_stats < 0:
-            raise ValueError(f"final_standing_stats must be an int >= 0, got {self.final_standing_stats!r}")
+        for name in ("final_standing_stats", "final_self_train"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.final_sampler not in ("ema", "raw"):
             raise ValueError(f"final_sampler must be 'ema' or 'raw', got {self.final_sampler!r}")
         if self.final_lr_decay not in LR_DECAYS:
