@@ -90,3 +90,33 @@ def test_settle_sampler_measures_the_ema_generators_own_statistics_only_when_ask
 def test_schedule_refuses_bad_final_settings_before_training(field, value, message):
     with pytest.raises(ValueError, match=message):
         ilsgan.Schedule(**{field: value})
+
+
+@pytest.mark.parametrize("background_code", ["public", "own"])
+def test_background_code_decides_what_the_background_sees(background_code):
+    """"public": the background is drawn from the foreground's z (the paper); "own": from a code of its own, so that
+    changing it leaves foreground and mask as they were and changing the public code leaves the background."""
+    torch.manual_seed(0)
+    cfg = ilsgan.ILSGANConfig(size=16, gen_width=4, z_dim=6, num_codes=4, background_code=background_code)
+    G = ilsgan.LayeredGenerator(cfg).eval()
+    z, c = G.sample_codes(5, "cpu")
+    assert z.shape == (5, 12 if background_code == "own" else 6)
+    public_changed = z.clone()
+    public_changed[:, :6] = torch.randn(5, 6)
+    base, new_public = G(z, c), G(public_changed, c)
+    assert (new_public["mask"] - base["mask"]).abs().amax() > 1e-3
+    if background_code == "public":
+        assert (new_public["background"] - base["background"]).abs().amax() > 1e-3
+        return
+    torch.testing.assert_close(new_public["background"], base["background"])
+    own_changed = z.clone()
+    own_changed[:, 6:] = torch.randn(5, 6)
+    new_own = G(own_changed, c)
+    torch.testing.assert_close(new_own["mask"], base["mask"])
+    torch.testing.assert_close(new_own["foreground"], base["foreground"])
+    assert (new_own["background"] - base["background"]).abs().amax() > 1e-3
+
+
+def test_background_code_is_checked():
+    with pytest.raises(ValueError, match="background_code"):
+        ilsgan.ILSGANConfig(background_code="private")

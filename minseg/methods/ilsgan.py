@@ -3,6 +3,7 @@ affine-perturbed composition, mutual-information heads, alternate training with 
 U-Net. Paper sections 3.1-3.4 and appendix A/C (Table 1 presets); equations restored in shared notes.
 
     G_b(z) -> b;   G_f(z, c_sup) -> mask logits;   G_f(z, c_sup, c) -> f          (only z, c_sup drive the mask)
+    (background_code="own", not the paper's: G_b(z_bg) -> b from a code of its own, independent of the fg)
     x = T(m) T(f) + (1 - T(m)) b,  T = perturbation A^-1 (scale 2^s, rotation, shift)            (eq. 3)
     L_G = hinge + g_mi [CE(E_x(x), c) + CE(E_pi(m), c_sup)] + g_bin mean(min(m, 1-m)) (+ g_bg BCE(S(b), 0))
 """
@@ -26,6 +27,7 @@ from minseg.visual import save_grid
 class ILSGANConfig:
     size: int = 64                      # generator / discriminator resolution
     z_dim: int = 64                     # public code z ~ N(0, 1)^z_dim
+    background_code: str = "public"     # the background's code: "public" (the paper: the fg's z) or "own" (its own z)
     num_codes: int = 20                 # private code c ~ Cat(num_codes)
     group_size: int = 2                 # super-category c_sup = c // group_size drives the mask
     gen_width: int = 16                 # generator channels at full resolution (x2 per halving, capped)
@@ -47,6 +49,8 @@ class ILSGANConfig:
     def __post_init__(self):
         if not isinstance(self.size, int) or self.size < 8 or self.size & (self.size - 1):
             raise ValueError(f"size must be a power of two >= 8 (4 x 4 start, 2x upsampling), got {self.size!r}")
+        if self.background_code not in ("public", "own"):
+            raise ValueError(f"background_code must be 'public' or 'own', got {self.background_code!r}")
 
     @property
     def num_super(self):
@@ -89,15 +93,18 @@ class LayeredGenerator(nn.Module):
         orthogonal_init(self)
 
     def sample_codes(self, batch, device, generator=None):
-        z = torch.randn(batch, self.cfg.z_dim, device=device, generator=generator)
+        """z: the public code, then (background_code "own") the background's own code; c: the private code."""
+        z_dim = self.cfg.z_dim * (2 if self.cfg.background_code == "own" else 1)
+        z = torch.randn(batch, z_dim, device=device, generator=generator)
         c = torch.randint(0, self.cfg.num_codes, (batch,), device=device, generator=generator)
         return z, c
 
     def forward(self, z, c, return_features=False):
         c_sup = c // self.cfg.group_size
+        z, z_bg = z[:, :self.cfg.z_dim], z[:, -self.cfg.z_dim:]  # the same code unless the background has its own
         branch, to_rgb = self.background[0], self.background[1:]
         features, bg_features = [], []
-        h = branch[0](z)
+        h = branch[0](z_bg)
         for block in branch[1:]:
             h = block(h)
             bg_features.append(h)
