@@ -94,8 +94,8 @@ def test_schedule_refuses_bad_final_settings_before_training(field, value, messa
 
 @pytest.mark.parametrize("background_code", ["public", "own"])
 def test_background_code_decides_what_the_background_sees(background_code):
-    """"public": the background is drawn from the foreground's z (the paper); "own": from a code of its own, so that
-    changing it leaves foreground and mask as they were and changing the public code leaves the background."""
+    """With "public" the background is drawn from the foreground's z (the paper); with "own" from a code of its own,
+    so that changing it leaves foreground and mask as they were and changing the public code leaves the background."""
     torch.manual_seed(0)
     cfg = ilsgan.ILSGANConfig(size=16, gen_width=4, z_dim=6, num_codes=4, background_code=background_code)
     G = ilsgan.LayeredGenerator(cfg).eval()
