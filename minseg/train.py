@@ -24,7 +24,7 @@ import pickle
 import random
 import shlex
 import time
-from dataclasses import MISSING as NO_DEFAULT, asdict, fields, is_dataclass
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,15 +126,13 @@ def setting_differences(saved, current):
             if _plain(saved.get(k, MISSING)) != _plain(current.get(k, MISSING))}
 
 
-def check_resumable(saved, config, schedule, path, defaults=None):
+def check_resumable(saved, config, schedule, path):
     """Raise ValueError naming every config / schedule field that differs from the checkpoint's, except schedule
     lengths (LENGTH_FIELDS, *_images, *_steps) and final_* fields, which may change (to shorten or extend a run, or
     to remake its final segmenter), and fields the checkpoint does not have (added to minseg since): those are
-    printed. `defaults` ({"config": {...}, "schedule": {...}}) are the values a checkpoint without a field ran with
-    (a field is added with a default that keeps the old behaviour), so that changing such a field is an error too."""
-    defaults = defaults or {}
-    config_diff = setting_differences({**defaults.get("config", {}), **saved.get("config", config)}, config)
-    schedule_diff = setting_differences({**defaults.get("schedule", {}), **saved.get("schedule", schedule)}, schedule)
+    printed."""
+    config_diff = setting_differences(saved.get("config", config), config)
+    schedule_diff = setting_differences(saved.get("schedule", schedule), schedule)
     lengths = {k: v for k, v in schedule_diff.items() if may_change_on_resume(k) and v[0] != MISSING}
     added = {k: v for k, v in {**config_diff, **schedule_diff}.items() if v[0] == MISSING}
     wrong = [("config", k, v) for k, v in config_diff.items() if k not in added]
@@ -158,13 +156,6 @@ def _as_dict(settings):
     return asdict(settings) if is_dataclass(settings) else dict(settings or {})
 
 
-def _defaults(settings):
-    """A settings dataclass's field defaults (none for a plain dict)."""
-    if not is_dataclass(settings):
-        return {}
-    return {f.name: f.default for f in fields(settings) if f.default is not NO_DEFAULT}
-
-
 class Checkpoint:
     """A run's checkpoint file: calling it saves everything needed to resume (rank 0, atomically); `restore()`
     reloads the last one into the method and the pipeline state (the divergence guard's way back)."""
@@ -172,7 +163,6 @@ class Checkpoint:
     def __init__(self, path, method, state, config, schedule):
         self.path, self.method, self.state = Path(path), method, state
         self.config, self.schedule = _as_dict(config), _as_dict(schedule)
-        self.defaults = {"config": _defaults(config), "schedule": _defaults(schedule)}
 
     def exists(self):
         return rank0_says(self.path.is_file())  # collective under torchrun: every rank must get the same answer
@@ -206,7 +196,7 @@ def start_run(out_dir, method, state, config, schedule, seed=0, resume=False, de
             stale.unlink(missing_ok=True)
     if resumed:
         saved = load_checkpoint(checkpoint.path)
-        check_resumable(saved, checkpoint.config, checkpoint.schedule, checkpoint.path, checkpoint.defaults)
+        check_resumable(saved, checkpoint.config, checkpoint.schedule, checkpoint.path)
         method.load_state_dict(saved["method"])
         state.update(saved["state"])
         set_rng_state(saved["rng"])

@@ -130,23 +130,6 @@ def test_start_run_resumes_and_checks_settings(tmp_path, capsys):
     assert "resumed" in out and "newer than the checkpoint" in out and "extra=1" in out and "lr_decay='cosine'" in out
 
 
-def test_a_field_newer_than_the_checkpoint_counts_as_its_default(tmp_path, capsys):
-    """A checkpoint written before a field existed ran as that field's default: resuming with the default goes on,
-    resuming with another value is refused (it would change the run mid-way), unless it is a final_* field."""
-    method, cfg, schedule = Tiny(), ilsgan.ILSGANConfig(size=32), ilsgan.Schedule()
-    start_run(tmp_path, method, {"images_seen": 0}, cfg, schedule)()
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    del saved["config"]["background_code"], saved["schedule"]["final_self_train"]
-    torch.save(saved, tmp_path / "checkpoint.pt")
-    start_run(tmp_path, Tiny(), {"images_seen": 0}, cfg, schedule, resume=True)
-    assert "resumed" in capsys.readouterr().out
-    start_run(tmp_path, Tiny(), {"images_seen": 0}, cfg, ilsgan.Schedule(final_self_train=800), resume=True)
-    assert "final_self_train 0 -> 800" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="config background_code: 'public' in the checkpoint, 'own' now"):
-        start_run(tmp_path, Tiny(), {"images_seen": 0}, ilsgan.ILSGANConfig(size=32, background_code="own"),
-                  schedule, resume=True)
-
-
 def tiny_ilsgan_settings(**schedule):
     cfg = ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8)
     values = dict(gan_images=96, final_steps=1, batch_size=8, tick_images=16, snapshot_images=16)
