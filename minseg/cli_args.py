@@ -173,4 +173,5 @@ def splits_for(data, fold):
 
 
 def score_row(name, scores):
-    return dict(run=name, **{k: scores[k] for k in SCORES}, images=scores["n_images"])
+    recalls = {k: v for k, v in scores.items() if k.startswith("recall_")}  # per GT part, where the set has parts
+    return dict(run=name, **{k: scores[k] for k in SCORES}, images=scores["n_images"], **recalls)

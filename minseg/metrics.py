@@ -50,6 +50,22 @@ def confusion_matrix(pred, gt):
     return np.bincount(2 * g.astype(np.int64) + p, minlength=4).reshape(2, 2)
 
 
+def part_hits(pred, parts, num_parts):
+    """Per GT part 1..num_parts: (pixels predicted foreground, pixels of the part), each (num_parts,) int64.
+
+    pred: label maps (foreground = != 0); parts: (N, H, W) GT part labels, 0 = background. Their ratio is each part's
+    recall: which parts of the objects a segmenter keeps and which it leaves in the background.
+    """
+    p, g = _foreground(pred, "pred").ravel(), _as_numpy(parts).reshape(-1).astype(np.int64)
+    if p.shape != g.shape:
+        raise ValueError(f"pred and parts must have the same number of pixels, got {p.size} and {g.size}")
+    if g.size and (g.min() < 0 or g.max() > num_parts):
+        raise ValueError(f"part labels must be in 0..{num_parts}, got {g.min()}..{g.max()}")
+    totals = np.bincount(g, minlength=num_parts + 1)[1:]
+    hits = np.bincount(g[p], minlength=num_parts + 1)[1:]
+    return hits, totals
+
+
 def scores_from_confusion(cm):
     """Data-set-level ACC, fg IoU, bg IoU and mIoU from a 2x2 confusion matrix (rows GT, columns prediction)."""
     cm = np.asarray(cm, dtype=np.float64)
@@ -60,23 +76,35 @@ def scores_from_confusion(cm):
 class SegmentationMeter:
     """Accumulate (pred, gt) batches of label maps; `result()` gives data-set and mean per-image scores."""
 
-    def __init__(self):
+    def __init__(self, num_parts=0):
         self.cm = np.zeros((2, 2), dtype=np.int64)
         self.image_iou, self.image_acc = [], []  # one (B,) array per batch
+        self.num_parts = num_parts
+        self.part_hits, self.part_totals = np.zeros(num_parts, np.int64), np.zeros(num_parts, np.int64)
 
-    def update(self, pred, gt):
+    def update(self, pred, gt, parts=None):
+        """parts: (B, H, W) GT part labels, given with every batch when the meter counts parts (num_parts > 0)."""
+        if (parts is None) != (self.num_parts == 0):
+            raise ValueError(f"this meter counts {self.num_parts} parts: pass parts with every batch iff that is > 0")
         self.cm += confusion_matrix(pred, gt)
         iou, acc = per_image_scores(pred, gt)
         self.image_iou.append(iou)
         self.image_acc.append(acc)
+        if parts is not None:
+            hits, totals = part_hits(pred, parts, self.num_parts)
+            self.part_hits += hits
+            self.part_totals += totals
 
     def result(self):
         if not self.image_iou:
             raise ValueError("SegmentationMeter.result() before any update(): no images were scored")
         scores = scores_from_confusion(self.cm)
         iou, acc = np.concatenate(self.image_iou), np.concatenate(self.image_acc)
-        return dict(acc=float(scores["acc"]), iou=float(scores["iou"]), miou=float(scores["miou"]),
-                    per_image_iou=float(iou.mean()), per_image_acc=float(acc.mean()), n_images=len(iou))
+        out = dict(acc=float(scores["acc"]), iou=float(scores["iou"]), miou=float(scores["miou"]),
+                   per_image_iou=float(iou.mean()), per_image_acc=float(acc.mean()), n_images=len(iou))
+        if self.num_parts:  # share of each GT part's pixels predicted foreground; None for a part never seen
+            out["part_recall"] = [float(h / t) if t else None for h, t in zip(self.part_hits, self.part_totals)]
+        return out
 
 
 def segmentation_scores(pred, gt):

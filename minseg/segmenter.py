@@ -181,15 +181,22 @@ def pseudo_labelled(net, real_set, batch_size=64):
 def evaluate_segmenter(net, ds, batch_size=64):
     """Foreground scores of `net` on a data set with masks (foreground = predicted class != 0).
 
-    Returns SegmentationMeter.result(): acc, iou, miou (data set level), per_image_iou, per_image_acc, n_images.
-    Part maps are not scored: unsupervised parts have no fixed correspondence to annotated ones.
+    Returns SegmentationMeter.result(): acc, iou, miou (data set level), per_image_iou, per_image_acc, n_images;
+    where the set has GT part maps, also `recall_<part>` for each part (named by ds.part_names, else part1, ...):
+    the share of that part's pixels predicted foreground (parts absent from the set left out). Predicted part maps
+    are not scored: unsupervised parts have no fixed correspondence to annotated ones.
     """
     if ds.masks is None:
         raise ValueError(f"data set ({ds.protocol or 'no protocol'}) has no masks to score against")
-    meter = SegmentationMeter()
+    num_parts = ds.num_parts if ds.parts is not None else 0
+    meter = SegmentationMeter(num_parts)
     for i in range(0, len(ds), batch_size):
-        meter.update(predict(net, ds.images[i:i + batch_size], batch_size), ds.masks[i:i + batch_size])
-    return meter.result()
+        parts = ds.parts[i:i + batch_size] if num_parts else None
+        meter.update(predict(net, ds.images[i:i + batch_size], batch_size), ds.masks[i:i + batch_size], parts)
+    scores = meter.result()
+    names = ds.part_names or [f"part{k}" for k in range(1, num_parts + 1)]
+    scores.update({f"recall_{name}": r for name, r in zip(names, scores.pop("part_recall", [])) if r is not None})
+    return scores
 
 
 def save_segmenter(path, net, meta=None):

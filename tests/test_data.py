@@ -43,7 +43,8 @@ def tight_box(mask):
 def test_shapes_ground_truth_is_consistent(shapes_test):
     d = shapes_test
     assert len(d) == 1000 and d.images.shape == (1000, 3, 64, 64) and d.images.dtype == torch.uint8
-    assert d.num_parts == 4 and d.keypoint_names == ["body", "head", "tail", "wing"]
+    assert d.num_parts == 4 and d.keypoint_names == d.part_names == ["body", "head", "tail", "wing"]
+    assert d.subset([3, 1]).part_names == d.part_names
     assert torch.equal(d.masks[:, 0], (d.parts > 0).to(torch.uint8))
     assert set(d.parts.unique().tolist()) == {0, 1, 2, 3, 4}
     assert set(d.labels.unique().tolist()) == set(range(10))

@@ -92,6 +92,32 @@ def test_meter_matches_brute_force(gt, data):
     assert r["iou"] == pytest.approx(fg) and r["miou"] == pytest.approx((fg + bg) / 2)
 
 
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.int64, st.tuples(st.integers(1, 4), st.integers(1, 5), st.integers(1, 5)), elements=st.integers(0, 3)),
+       st.data())
+def test_part_recall_matches_pixel_count(parts, data):
+    pred = data.draw(arrays(np.int64, parts.shape, elements=st.integers(0, 1)))
+    meter = SegmentationMeter(num_parts=3)
+    for lo in range(len(parts)):  # one image a batch
+        meter.update(pred[lo:lo + 1], parts[lo:lo + 1] > 0, parts[lo:lo + 1])
+    for k, recall in enumerate(meter.result()["part_recall"], 1):  # pixel by pixel, from the definition
+        kept = [p for p, g in zip(pred.ravel(), parts.ravel()) if g == k]
+        assert recall == (pytest.approx(sum(kept) / len(kept)) if kept else None)
+
+
+def test_part_recall_of_a_headless_prediction():
+    parts = np.array([[[1, 1, 2], [1, 1, 0], [0, 3, 0]]])  # body 1, head 2, tail 3
+    pred = (parts == 1) | (np.arange(3)[None, :, None] == 2)  # the body and the bottom row
+    r = SegmentationMeter(num_parts=4)
+    r.update(pred, parts > 0, parts)
+    assert r.result()["part_recall"] == [1.0, 0.0, 1.0, None]
+    assert "part_recall" not in segmentation_scores(pred, parts)
+    with pytest.raises(ValueError, match="pass parts"):
+        r.update(pred, parts > 0)
+    with pytest.raises(ValueError, match="part labels must be in 0..4"):
+        r.update(pred, parts > 0, parts + 3)
+
+
 # ----------------------------------------------------------------------------------------------- clustering
 
 def test_nmi_ari_hand_computed():

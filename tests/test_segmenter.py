@@ -165,6 +165,24 @@ def test_evaluate_segmenter_matches_metrics():
         evaluate_segmenter(red_channel_net(), SegmentationSet(images=images))
 
 
+def test_evaluate_segmenter_reports_part_recall_by_name():
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (6, 3, 8, 8), dtype=torch.uint8, generator=g)
+    parts = torch.randint(0, 3, (6, 8, 8), dtype=torch.uint8, generator=g)
+    parts[parts == 1] = torch.randint(1, 3, parts.shape, dtype=torch.uint8, generator=g)[parts == 1]
+    ds = SegmentationSet(images=images, masks=(parts > 0)[:, None].to(torch.uint8), parts=parts, num_parts=3,
+                         part_names=["body", "head", "tail"], protocol="toy")
+    scores = evaluate_segmenter(red_channel_net(), ds, batch_size=4)
+    red = images[:, 0] > 127  # what the net predicts foreground
+    for k, name in ((1, "body"), (2, "head")):
+        assert scores[f"recall_{name}"] == pytest.approx((red & (parts == k)).sum().item() / (parts == k).sum().item())
+    assert "recall_tail" not in scores  # no pixel of part 3: left out rather than 0 / 0
+    unnamed = SegmentationSet(images=images, masks=ds.masks, parts=parts, num_parts=3)
+    assert evaluate_segmenter(red_channel_net(), unnamed)["recall_part2"] == scores["recall_head"]
+    with pytest.raises(ValueError, match="part_names has 2 entries for 3 parts"):
+        SegmentationSet(images=images, parts=parts, num_parts=3, part_names=["body", "head"])
+
+
 def test_pseudo_labels_are_the_nets_predictions_never_the_sets_labels():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (10, 3, 8, 8), dtype=torch.uint8, generator=g)

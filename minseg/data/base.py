@@ -46,6 +46,7 @@ class SegmentationSet(torch.utils.data.Dataset):
     skipped: list = field(default_factory=list)         # "file: reason" for unreadable inputs
     notes: list = field(default_factory=list)           # e.g. how many images were converted to RGB
     keypoint_names: list = field(default_factory=list)  # one per keypoint, if any
+    part_names: list = field(default_factory=list)      # one per part label 1..num_parts, if any
 
     def __post_init__(self):
         n = len(self.images)
@@ -62,6 +63,8 @@ class SegmentationSet(torch.utils.data.Dataset):
             value = getattr(self, key)
             if value is not None and len(value) != n:
                 raise ValueError(f"{key} has {len(value)} rows for {n} images")
+        if self.part_names and len(self.part_names) != self.num_parts:
+            raise ValueError(f"part_names has {len(self.part_names)} entries for {self.num_parts} parts")
         if not self.names:
             self.names = [str(i) for i in range(n)]
         if len(self.names) != n:
@@ -137,7 +140,8 @@ class SegmentationSet(torch.utils.data.Dataset):
             num_parts=self.num_parts, boxes=pick(self.boxes), keypoints=pick(self.keypoints),
             labels=pick(self.labels), names=[self.names[i] for i in idx.tolist()],
             protocol=f"{self.protocol}; subset of {len(idx):,}", skipped=list(self.skipped),
-            notes=list(self.notes), keypoint_names=list(self.keypoint_names))
+            notes=list(self.notes), keypoint_names=list(self.keypoint_names),
+            part_names=list(self.part_names))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -274,7 +274,7 @@ def make_shapes(split="train", size=64, seed=0, limit=None, protocol=None):
             "masks": (parts_t > 0).to(torch.uint8).unsqueeze(1), "num_parts": len(PART_NAMES),
             "boxes": cat(boxes, (0, 4)), "keypoints": cat(keypoints, (0, 4, 3)),
             "labels": cat(labels, (0,)).long(), "names": [f"shapes-{split}-{i:05d}" for i in range(n)],
-            "keypoint_names": list(PART_NAMES),
+            "keypoint_names": list(PART_NAMES), "part_names": list(PART_NAMES),
             "protocol": f"shapes {split} split ({n:,} images, seed {seed}), {crop}, {size} px"}
 
 
