@@ -259,9 +259,11 @@ def test_supervised_and_eval_cli_end_to_end(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(out / "segmenter.pt"), "--data", "shapes", "--limit", "24"]) == 0
     printed = capsys.readouterr().out
     assert "Protocol: shapes test" in printed and "32 px" in printed  # size taken from the checkpoint
-    row = printed.strip().splitlines()[-1].split("|")
-    assert row[1].strip() == "segmenter.pt" and row[-2].strip() == "24"
-    assert float(row[3]) == pytest.approx(100 * results["runs"][0]["iou"], abs=0.051)  # same test images
+    lines = printed.strip().splitlines()
+    row = dict(zip([c.strip() for c in lines[-3].split("|")], [c.strip() for c in lines[-1].split("|")]))
+    assert row["run"] == "segmenter.pt" and row["images"] == "24"
+    assert float(row["iou"]) == pytest.approx(100 * results["runs"][0]["iou"], abs=0.051)  # same test images
+    assert {"recall_body", "recall_head", "recall_tail", "recall_wing"} <= set(row)  # shapes has part maps
 
 
 @pytest.mark.parametrize("argv, message", [
