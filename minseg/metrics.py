@@ -5,6 +5,8 @@ Foreground masks (binary, or K-part label maps where foreground = class != 0):
     prediction and ground truth are both empty (no foreground pixel) has IoU 1.0 (a perfect answer).
   - data set: one 2x2 confusion matrix over all pixels -> ACC, fg IoU, bg IoU, mIoU = mean(fg IoU, bg IoU).
   The mask is never swapped with its inverse to pick the better score: a method must say which is foreground.
+  - per GT part (where a set labels its object pixels by part, as shapes does): the share of the part's pixels
+    predicted foreground (recall), to see which parts a segmenter leaves in the background.
 Clustering (ILSGAN's NMI of the private code against class labels): NMI (arithmetic-mean normalisation) and
 ARI (Hubert & Arabie), both from the contingency table.
 Keypoints (GANSeg's CUB protocol, sec. 4): linear regression without bias from predicted part centres to GT
