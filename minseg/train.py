@@ -163,6 +163,7 @@ class Checkpoint:
     def __init__(self, path, method, state, config, schedule):
         self.path, self.method, self.state = Path(path), method, state
         self.config, self.schedule = _as_dict(config), _as_dict(schedule)
+        self.saved_schedule = {}  # the schedule the resumed checkpoint was written with (start_run fills it in)
 
     def exists(self):
         return rank0_says(self.path.is_file())  # collective under torchrun: every rank must get the same answer
@@ -197,6 +198,7 @@ def start_run(out_dir, method, state, config, schedule, seed=0, resume=False, de
     if resumed:
         saved = load_checkpoint(checkpoint.path)
         check_resumable(saved, checkpoint.config, checkpoint.schedule, checkpoint.path)
+        checkpoint.saved_schedule = dict(saved.get("schedule", {}))
         method.load_state_dict(saved["method"])
         state.update(saved["state"])
         set_rng_state(saved["rng"])

@@ -163,6 +163,40 @@ def test_interrupted_run_resumes_to_the_same_step_count(tmp_path, monkeypatch):
     assert images == list(range(16, 97, 16))  # every tick once: none lost, none repeated
 
 
+def test_finished_run_resumed_longer_goes_on_training(tmp_path, capsys):
+    """A finished run resumed with more GAN images continues its last round from where it stopped (also from a
+    checkpoint written before `last_round_images` existed); one resumed with another round trains the judge first."""
+    train = load_dataset("shapes", "train", size=32, limit=16)
+    test = load_dataset("shapes", "test", size=32, limit=8)
+    cfg, schedule = tiny_ilsgan_settings(gan_images=32)
+    ilsgan.run(cfg, schedule, train, test, tmp_path, progress=False)
+    path = tmp_path / "checkpoint.pt"
+    saved = load_checkpoint(path)
+    assert saved["state"]["round"] == 1 and saved["state"]["last_round_images"] == 32
+    del saved["state"]["last_round_images"]  # as an older checkpoint: its schedule says how far round 1 went
+    save_checkpoint(path, saved)
+    capsys.readouterr()
+    ilsgan.run(cfg, tiny_ilsgan_settings(gan_images=64)[1], train, test, tmp_path, resume=True, progress=False)
+    assert "round 1 goes on from 32 images" in capsys.readouterr().out
+    final = load_checkpoint(path)
+    assert final["state"]["steps"] == 8 and final["state"]["last_round_images"] == 64
+    assert final["method"]["ema_updates"] == 8
+    images = [r["images"] for r in map(json.loads, (tmp_path / "stats.jsonl").read_text().splitlines())]
+    assert images == [16, 32, 48, 64]
+    # the same length again: nothing more to train, the final segmenter is remade
+    ilsgan.run(cfg, tiny_ilsgan_settings(gan_images=64)[1], train, test, tmp_path, resume=True, progress=False)
+    assert load_checkpoint(path)["state"]["steps"] == 8
+    # one more round: the judge for it is trained from the generator as it stands, then round 2 runs with L_bg
+    assert not (tmp_path / "judge.pt").exists()
+    two = tiny_ilsgan_settings(gan_images=64, rounds=2, judge_steps=1)[1]
+    ilsgan.run(cfg, two, train, test, tmp_path, resume=True, progress=False)
+    from minseg.segmenter import load_segmenter
+    assert load_segmenter(tmp_path / "judge.pt").meta["round"] == 1
+    final = load_checkpoint(path)["state"]
+    assert final["round"] == 2 and final["steps"] == 16
+    assert any(r.get("loss_bg", 0) > 0 for r in map(json.loads, (tmp_path / "stats.jsonl").read_text().splitlines()))
+
+
 def wait_for(path, proc, timeout=120):
     start = time.time()
     while not path.exists():

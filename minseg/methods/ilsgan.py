@@ -269,20 +269,17 @@ class ILSGAN:
         perturbed, warped = self.compose(out, perturb=True)
         save_grid([out["background"], out["foreground"], out["mask"], plain, perturbed, warped], path)
 
+    PARTS = ("G", "D", "E_pi", "opt_G", "opt_D")  # saved with their state_dict()
+
     def state_dict(self):
-        return {"G": self.G.state_dict(), "D": self.D.state_dict(), "E_pi": self.E_pi.state_dict(),
-                "G_ema": self.G_ema.net.state_dict(), "opt_G": self.opt_G.state_dict(), "opt_D": self.opt_D.state_dict(),
+        return {**{k: getattr(self, k).state_dict() for k in self.PARTS}, "G_ema": self.G_ema.net.state_dict(),
                 "ema_updates": self.G_ema.updates, "skipped_steps": self.skipped_steps}
 
     def load_state_dict(self, state):
-        self.G.load_state_dict(state["G"])
-        self.D.load_state_dict(state["D"])
-        self.E_pi.load_state_dict(state["E_pi"])
+        for k in self.PARTS:
+            getattr(self, k).load_state_dict(state[k])
         self.G_ema.net.load_state_dict(state["G_ema"])
-        self.opt_G.load_state_dict(state["opt_G"])
-        self.opt_D.load_state_dict(state["opt_D"])
-        self.G_ema.updates = int(state["ema_updates"])
-        self.skipped_steps = int(state["skipped_steps"])
+        self.G_ema.updates, self.skipped_steps = int(state["ema_updates"]), int(state["skipped_steps"])
 
 
 # -- the whole pipeline: GAN rounds alternating with the background judge, then the final segmenter -------------
@@ -352,24 +349,40 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     def segmenter():
         return build_net("unet", num_classes=1, width=schedule.seg_width)
 
+    judge_path = out_dir / "judge.pt"
+
+    def train_judge(serves):
+        """The background judge S for round index `serves`: a U-Net on the generator's pairs as they are now."""
+        if distributed.is_main():  # under torchrun rank 0 trains the judge, every rank loads it
+            judge = train_segmenter(pair_stream(method.sample_pairs, schedule.batch_size), net=segmenter(),
+                                    steps=schedule.judge_steps, device=device, progress=progress)
+            save_segmenter(judge_path, judge, {"method": "ilsgan-judge", "round": serves})
+        distributed.barrier()
+
+    # A finished run resumed with a longer GAN phase (--gan-images up): its last round goes on where it stopped
+    # (older checkpoints lack "last_round_images": the length their schedule gave).
+    last_round_images = state.get("last_round_images", save_state.saved_schedule.get("gan_images", 0))
+    if state["round"] == schedule.rounds and state["stage"] == "gan" and last_round_images < schedule.gan_images:
+        print(f"--resume: the run had finished; round {schedule.rounds} goes on from {last_round_images:,} images")
+        state.update(round=schedule.rounds - 1, images_seen=last_round_images)
+
     batches = train_set.sampler(schedule.batch_size, augment=True, device=device)
     while state["round"] < schedule.rounds:
         r = state["round"]
-        judge_path = out_dir / "judge.pt"
-        if r > 0 and cfg.g_bg > 0 and judge_path.exists():
-            method.background_judge = load_segmenter(judge_path).to(device).eval().requires_grad_(False)
+        if r > 0 and cfg.g_bg > 0:
+            judge = load_segmenter(judge_path) if judge_path.exists() else None
+            if judge is None or judge.meta.get("round") != r:  # rounds added on --resume after the judge's turn
+                train_judge(r)
+                judge = load_segmenter(judge_path)
+            method.background_judge = judge.to(device).eval().requires_grad_(False)
         if state["stage"] == "gan":
             training_loop(method, batches, state, schedule.gan_images, out_dir, save_state, schedule.tick_images,
                           schedule.snapshot_images, progress=progress, desc=f"gan-round{r + 1}")
             state.update(stage="judge")
             save_state()
-        if state["stage"] == "judge" and r < schedule.rounds - 1:
-            if distributed.is_main():  # under torchrun rank 0 trains the judge, every rank loads it next round
-                judge = train_segmenter(pair_stream(method.sample_pairs, schedule.batch_size), net=segmenter(),
-                                        steps=schedule.judge_steps, device=device, progress=progress)
-                save_segmenter(judge_path, judge, {"method": "ilsgan-judge", "round": r + 1})
-            distributed.barrier()
-        state.update(round=r + 1, stage="gan", images_seen=0)
+        if state["stage"] == "judge" and r < schedule.rounds - 1 and cfg.g_bg > 0:
+            train_judge(r + 1)
+        state.update(round=r + 1, stage="gan", last_round_images=state["images_seen"], images_seen=0)
         save_state()
 
     if not distributed.is_main():
