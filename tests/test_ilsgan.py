@@ -120,3 +120,21 @@ def test_background_code_decides_what_the_background_sees(background_code):
 def test_background_code_is_checked():
     with pytest.raises(ValueError, match="background_code"):
         ilsgan.ILSGANConfig(background_code="private")
+
+
+def test_contrast_jitter_scales_about_the_mean_within_the_original_range():
+    """PerturbGAN's background jitter: factor 1 is the identity; factor k scales each image's deviations from its own
+    mean by k, except where that leaves the image's original [min, max], where it is clamped."""
+    from minseg.ops import contrast_jitter
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(4, 3, 8, 8, generator=g, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(contrast_jitter(images, (1.0, 1.0)), images, atol=1e-12, rtol=0)
+    mean = images.mean((1, 2, 3), keepdim=True)
+    lo, hi = images.amin((1, 2, 3), keepdim=True), images.amax((1, 2, 3), keepdim=True)
+    torch.testing.assert_close(contrast_jitter(images, (0.5, 0.5)), (images - mean) * 0.5 + mean, atol=1e-12, rtol=0)
+    strong = contrast_jitter(images, (1.5, 1.5))
+    torch.testing.assert_close(strong, ((images - mean) * 1.5 + mean).clamp(lo, hi), atol=1e-12, rtol=0)
+    assert (strong == hi).any() and (strong == lo).any()  # some pixels were pushed past the range and clamped
+    drawn = contrast_jitter(images, (0.7, 1.3), generator=torch.Generator().manual_seed(1))
+    k = (drawn - mean).abs().sum((1, 2, 3)) / (images - mean).abs().sum((1, 2, 3))  # per image, before clamping <= k
+    assert ((k > 0.5) & (k < 1.3 + 1e-9)).all() and len(set(k.tolist())) == 4  # one factor per image

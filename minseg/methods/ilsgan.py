@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from minseg.nets.blocks import (EMA, ResBlock, UpBlock, d_hinge_loss, downsampling_trunk, frozen, g_hinge_loss,
                                 orthogonal_init, sn_conv, sn_linear, standing_statistics)
-from minseg.ops import composite, perturbation
+from minseg.ops import composite, contrast_jitter, perturbation
 from minseg.segmenter import LR_DECAYS
 from minseg.train import guarded_step
 from minseg.visual import save_grid
@@ -150,17 +150,6 @@ class MaskEncoder(nn.Module):
 
     def forward(self, m):
         return self.net(m * 2 - 1)
-
-
-def contrast_jitter(images, factor_range, generator=None):
-    """PerturbGAN's background contrast jitter: scale around the per-image mean, clamp to the original range."""
-    B = images.shape[0]
-    lo, hi = factor_range
-    k = lo + (hi - lo) * torch.rand(B, 1, 1, 1, device=images.device, generator=generator)
-    mean = images.mean((1, 2, 3), keepdim=True)
-    jittered = (images - mean) * k + mean
-    flat = images.flatten(1)
-    return torch.maximum(torch.minimum(jittered, flat.max(1).values.view(B, 1, 1, 1)), flat.min(1).values.view(B, 1, 1, 1))
 
 
 class ILSGAN:

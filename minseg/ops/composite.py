@@ -1,4 +1,4 @@
-"""Op A: warp-and-composite of N RGBA layers over a background, and the ILSGAN perturbation sampler.
+"""Op A: warp-and-composite of N RGBA layers over a background; the ILSGAN perturbation sampler and contrast jitter.
 
     x_0 = background;  x_i = T_i(layer_i) * T_i(alpha_i) + x_{i-1} * (1 - T_i(alpha_i));  image = x_N
 
@@ -169,3 +169,14 @@ def perturbation(batch, size, log2_scale=(-0.2, 0.0), rotation_deg=(-15.0, 15.0)
     offset = -(linear @ shift[:, :, None])  # (B, 2, 1)
     theta = torch.cat([linear, offset], -1)  # (B, 2, 3)
     return theta[:, None].to(device=device, dtype=dtype)
+
+
+def contrast_jitter(images, factor_range, generator=None):
+    """PerturbGAN's background contrast jitter: scale around the per-image mean, clamp to the original range."""
+    B = images.shape[0]
+    lo, hi = factor_range
+    k = lo + (hi - lo) * torch.rand(B, 1, 1, 1, device=images.device, generator=generator)
+    mean = images.mean((1, 2, 3), keepdim=True)
+    jittered = (images - mean) * k + mean
+    flat = images.flatten(1)
+    return torch.maximum(torch.minimum(jittered, flat.max(1).values.view(B, 1, 1, 1)), flat.min(1).values.view(B, 1, 1, 1))
