@@ -276,7 +276,7 @@ class ILSGAN:
 class Schedule:
     rounds: int = 1              # alternate training rounds (appendix C.2); S regularises G from round 2
     gan_images: int = 40_000     # images seen by D per round
-    judge_steps: int = 300       # steps of the background judge S after each round but the last
+    judge_steps: int = 300       # steps of the background judge S before each round but the first
     final_steps: int = 1500      # steps of the final segmenter on synthetic pairs (appendix C.3)
     final_lr_decay: str = "constant"  # its Adam rate: "constant" or "cosine" (to 0; C.3 gives only the initial 1e-3)
     final_standing_stats: int = 0  # > 0: first re-measure G_ema's BatchNorm statistics on this many sample batches
@@ -331,8 +331,8 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(seed)
     method = ILSGAN(cfg, device)
-    state = {"round": 0, "stage": "gan", "images_seen": 0, "seed": seed}
-    where = lambda s: f"round {s['round'] + 1}, stage {s['stage']}, {s['images_seen']:,} images seen"
+    state = {"round": 0, "images_seen": 0, "seed": seed}
+    where = lambda s: f"round {s['round'] + 1}, {s['images_seen']:,} images seen"
     save_state = start_run(out_dir, method, state, cfg, schedule, seed, resume, describe=where)
 
     def segmenter():
@@ -341,7 +341,7 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     judge_path = out_dir / "judge.pt"
 
     def train_judge(serves):
-        """The background judge S for round index `serves`: a U-Net on the generator's pairs as they are now."""
+        """The background judge S for round index `serves` (0-based): a U-Net on the generator's pairs as they are."""
         if distributed.is_main():  # under torchrun rank 0 trains the judge, every rank loads it
             judge = train_segmenter(pair_stream(method.sample_pairs, schedule.batch_size), net=segmenter(),
                                     steps=schedule.judge_steps, device=device, progress=progress)
@@ -351,27 +351,22 @@ def run(cfg, schedule, train_set, test_set, out_dir, device="cpu", seed=0, resum
     # A finished run resumed with a longer GAN phase (--gan-images up): its last round goes on where it stopped
     # (older checkpoints lack "last_round_images": the length their schedule gave).
     last_round_images = state.get("last_round_images", save_state.saved_schedule.get("gan_images", 0))
-    if state["round"] == schedule.rounds and state["stage"] == "gan" and last_round_images < schedule.gan_images:
+    if state["round"] == schedule.rounds and last_round_images < schedule.gan_images:
         print(f"--resume: the run had finished; round {schedule.rounds} goes on from {last_round_images:,} images")
         state.update(round=schedule.rounds - 1, images_seen=last_round_images)
 
     batches = train_set.sampler(schedule.batch_size, augment=True, device=device)
     while state["round"] < schedule.rounds:
         r = state["round"]
-        if r > 0 and cfg.g_bg > 0:
+        if r > 0 and cfg.g_bg > 0:  # the judge from the generator as round r starts (kept in judge.pt for resumes)
             judge = load_segmenter(judge_path) if judge_path.exists() else None
-            if judge is None or judge.meta.get("round") != r:  # rounds added on --resume after the judge's turn
+            if distributed.rank0_says(judge is None or judge.meta.get("round") != r):  # every rank takes one path
                 train_judge(r)
                 judge = load_segmenter(judge_path)
             method.background_judge = judge.to(device).eval().requires_grad_(False)
-        if state["stage"] == "gan":
-            training_loop(method, batches, state, schedule.gan_images, out_dir, save_state, schedule.tick_images,
-                          schedule.snapshot_images, progress=progress, desc=f"gan-round{r + 1}")
-            state.update(stage="judge")
-            save_state()
-        if state["stage"] == "judge" and r < schedule.rounds - 1 and cfg.g_bg > 0:
-            train_judge(r + 1)
-        state.update(round=r + 1, stage="gan", last_round_images=state["images_seen"], images_seen=0)
+        training_loop(method, batches, state, schedule.gan_images, out_dir, save_state, schedule.tick_images,
+                      schedule.snapshot_images, progress=progress, desc=f"gan-round{r + 1}")  # returns at once if done
+        state.update(round=r + 1, last_round_images=state["images_seen"], images_seen=0)
         save_state()
 
     if not distributed.is_main():
