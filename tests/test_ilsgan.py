@@ -117,6 +117,21 @@ def test_background_code_decides_what_the_background_sees(background_code):
     assert (new_own["background"] - base["background"]).abs().amax() > 1e-3
 
 
+def test_fg_width_widens_the_foreground_side_only():
+    """`fg_width` sets the channels of the mask/foreground trunk and colour branch; the background keeps gen_width,
+    and the annotation features (trunk | background at each resolution) carry both."""
+    cfg = ilsgan.ILSGANConfig(size=16, gen_width=4, fg_width=12, z_dim=6, num_codes=4)
+    G = ilsgan.LayeredGenerator(cfg)
+    default = ilsgan.LayeredGenerator(ilsgan.ILSGANConfig(size=16, gen_width=4, z_dim=6, num_codes=4))
+    assert G.background[1].in_channels == default.background[1].in_channels == 4
+    assert (G.mask_head.in_channels, default.mask_head.in_channels) == (12, 4)
+    n_bg = sum(p.numel() for p in G.background.parameters())
+    assert n_bg == sum(p.numel() for p in default.background.parameters())
+    out = G(*G.sample_codes(3, "cpu"), return_features=True)
+    assert out["foreground"].shape == out["background"].shape == (3, 3, 16, 16)
+    assert [f.shape[1] for f in out["features"]] == [24 + 8, 12 + 4]  # 8 x 8 (x2 channels), then 16 x 16
+
+
 def test_background_code_is_checked():
     with pytest.raises(ValueError, match="background_code"):
         ilsgan.ILSGANConfig(background_code="private")

@@ -31,6 +31,7 @@ class ILSGANConfig:
     num_codes: int = 20                 # private code c ~ Cat(num_codes)
     group_size: int = 2                 # super-category c_sup = c // group_size drives the mask
     gen_width: int = 16                 # generator channels at full resolution (x2 per halving, capped)
+    fg_width: int | None = None         # the fg trunk's and colour branch's own width (None: gen_width; not the paper's)
     disc_width: int = 32
     log2_scale: tuple = (-0.2, 0.0)     # perturbation ranges (Table 1)
     rotation_deg: tuple = (-15.0, 15.0)
@@ -84,8 +85,9 @@ class LayeredGenerator(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, w = cfg, cfg.gen_width
-        self.background = nn.Sequential(upsampling_branch(cfg.z_dim, w, cfg.size), nn.Conv2d(w, 3, 3, 1, 1), nn.Tanh())
+        self.cfg, w_bg, w = cfg, cfg.gen_width, cfg.fg_width or cfg.gen_width
+        self.background = nn.Sequential(upsampling_branch(cfg.z_dim, w_bg, cfg.size), nn.Conv2d(w_bg, 3, 3, 1, 1),
+                                        nn.Tanh())
         self.trunk = upsampling_branch(cfg.z_dim + cfg.num_super, w, cfg.size)
         self.mask_head = nn.Conv2d(w, 1, 3, 1, 1)
         self.colour = nn.Sequential(nn.Conv2d(w + cfg.num_codes, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),
