@@ -132,6 +132,14 @@ def test_fg_width_widens_the_foreground_side_only():
     assert [f.shape[1] for f in out["features"]] == [24 + 8, 12 + 4]  # 8 x 8 (x2 channels), then 16 x 16
 
 
+def test_collapse_is_a_mask_near_none_or_all_of_the_picture():
+    method = small_method()
+    assert method.collapse_message({"mask_mean": 0.21}) is None
+    assert method.collapse_message({"mask_mean": 0.9}) is None
+    assert "all foreground" in method.collapse_message({"mask_mean": 0.97})
+    assert "all background" in method.collapse_message({"mask_mean": 0.01})
+
+
 def test_background_code_is_checked():
     with pytest.raises(ValueError, match="background_code"):
         ilsgan.ILSGANConfig(background_code="private")

@@ -244,9 +244,11 @@ class ILSGAN:
         return ok
 
     def collapse_message(self, tick):
+        """A trivial decomposition: the mask covers (almost) none or all of every sample (README: one seed of
+        fg_width=16 sat at a mean mask of 0.95-0.97 for the last 75k images and scored as "all foreground")."""
         if tick["mask_mean"] < 0.02:
             return f"mask collapsed to all background (mean mask {tick['mask_mean']:.3f})"
-        if tick["mask_mean"] > 0.98:
+        if tick["mask_mean"] > 0.95:
             return f"mask collapsed to all foreground (mean mask {tick['mask_mean']:.3f})"
         return None
 
