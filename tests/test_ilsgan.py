@@ -143,6 +143,8 @@ def test_collapse_is_a_mask_near_none_or_all_of_the_picture():
 def test_background_code_is_checked():
     with pytest.raises(ValueError, match="background_code"):
         ilsgan.ILSGANConfig(background_code="private")
+    with pytest.raises(ValueError, match="fg_width must be None"):
+        ilsgan.ILSGANConfig(fg_width=0)
 
 
 def test_contrast_jitter_scales_about_the_mean_within_the_original_range():

@@ -52,6 +52,8 @@ class ILSGANConfig:
             raise ValueError(f"size must be a power of two >= 8 (4 x 4 start, 2x upsampling), got {self.size!r}")
         if self.background_code not in ("public", "own"):
             raise ValueError(f"background_code must be 'public' or 'own', got {self.background_code!r}")
+        if self.fg_width is not None and (not isinstance(self.fg_width, int) or self.fg_width < 1):
+            raise ValueError(f"fg_width must be None (gen_width) or an integer >= 1, got {self.fg_width!r}")
 
     @property
     def num_super(self):
@@ -85,9 +87,8 @@ class LayeredGenerator(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
-        self.cfg, w_bg, w = cfg, cfg.gen_width, cfg.fg_width or cfg.gen_width
-        self.background = nn.Sequential(upsampling_branch(cfg.z_dim, w_bg, cfg.size), nn.Conv2d(w_bg, 3, 3, 1, 1),
-                                        nn.Tanh())
+        self.cfg, w_bg, w = cfg, cfg.gen_width, cfg.gen_width if cfg.fg_width is None else cfg.fg_width
+        self.background = nn.Sequential(upsampling_branch(cfg.z_dim, w_bg, cfg.size), nn.Conv2d(w_bg, 3, 3, 1, 1), nn.Tanh())
         self.trunk = upsampling_branch(cfg.z_dim + cfg.num_super, w, cfg.size)
         self.mask_head = nn.Conv2d(w, 1, 3, 1, 1)
         self.colour = nn.Sequential(nn.Conv2d(w + cfg.num_codes, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w),

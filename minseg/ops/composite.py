@@ -173,10 +173,7 @@ def perturbation(batch, size, log2_scale=(-0.2, 0.0), rotation_deg=(-15.0, 15.0)
 
 def contrast_jitter(images, factor_range, generator=None):
     """PerturbGAN's background contrast jitter: scale around the per-image mean, clamp to the original range."""
-    B = images.shape[0]
     lo, hi = factor_range
-    k = lo + (hi - lo) * torch.rand(B, 1, 1, 1, device=images.device, generator=generator)
+    k = lo + (hi - lo) * torch.rand(images.shape[0], 1, 1, 1, device=images.device, generator=generator)
     mean = images.mean((1, 2, 3), keepdim=True)
-    jittered = (images - mean) * k + mean
-    flat = images.flatten(1)
-    return torch.maximum(torch.minimum(jittered, flat.max(1).values.view(B, 1, 1, 1)), flat.min(1).values.view(B, 1, 1, 1))
+    return ((images - mean) * k + mean).clamp(images.amin((1, 2, 3), keepdim=True), images.amax((1, 2, 3), keepdim=True))
