@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from minseg.methods import ilsgan
 
 
-def small_method(seed=0):
+def small_method(seed=0, **overrides):
     torch.manual_seed(seed)
-    return ilsgan.ILSGAN(ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8, num_codes=4))
+    return ilsgan.ILSGAN(ilsgan.ILSGANConfig(size=32, gen_width=8, disc_width=8, z_dim=8, num_codes=4, **overrides))
 
 
 def reference_step(method, real):
@@ -32,20 +32,27 @@ def reference_step(method, real):
     fake_logits, code_logits = method.D(fake)
     mi = F.cross_entropy(code_logits, c) + F.cross_entropy(method.E_pi(out["mask"]), c // cfg.group_size)
     loss = -fake_logits.mean() + cfg.g_mi * mi + cfg.g_bin * torch.minimum(mask, 1 - mask).mean()
+    if cfg.mask_ceiling is not None:  # the cap on each sample's mask area: mean over samples of the excess
+        excess = [max(float(m.mean()) - cfg.mask_ceiling, 0.0) for m in out["mask"]]
+        weights = torch.tensor([1.0 if e > 0 else 0.0 for e in excess])
+        loss = loss + cfg.g_ceiling * (weights * (out["mask"].mean((1, 2, 3)) - cfg.mask_ceiling)).mean()
     method.opt_G.zero_grad(set_to_none=True)
     loss.backward()
     method.opt_G.step()
     method.G_ema.update(method.G)
 
 
-def test_training_step_matches_the_plain_transcript():
+@pytest.mark.parametrize("ceiling", [None, 0.57])
+def test_training_step_matches_the_plain_transcript(ceiling):
     """The step freezes D and E_pi during the generator's update (no weight gradients for them); G must get the same
-    gradients as with everything trainable, and D, E_pi must be trainable again afterwards."""
+    gradients as with everything trainable, and D, E_pi must be trainable again afterwards. With a mask ceiling the
+    generator's loss gains the capped area term (0.57: some untrained samples lie above it, some below)."""
     real = torch.rand(6, 3, 32, 32) * 2 - 1
-    ours, reference = small_method(), small_method()
+    ours, reference = small_method(mask_ceiling=ceiling), small_method(mask_ceiling=ceiling)
     for _ in range(3):
         torch.manual_seed(1)
-        ours.train_step({"image": real})
+        stats = ours.train_step({"image": real})
+        assert (stats["loss_area"] > 0) == (ceiling is not None)
         torch.manual_seed(1)
         reference_step(reference, real)
     for name in ("G", "D", "E_pi"):
@@ -145,6 +152,8 @@ def test_background_code_is_checked():
         ilsgan.ILSGANConfig(background_code="private")
     with pytest.raises(ValueError, match="fg_width must be None"):
         ilsgan.ILSGANConfig(fg_width=0)
+    with pytest.raises(ValueError, match="mask_ceiling must be None"):
+        ilsgan.ILSGANConfig(mask_ceiling=1.5)
 
 
 def test_contrast_jitter_scales_about_the_mean_within_the_original_range():

@@ -6,6 +6,7 @@ U-Net. Paper sections 3.1-3.4 and appendix A/C (Table 1 presets); equations rest
     (background_code="own", not the paper's: G_b(z_bg) -> b from a code of its own, independent of the fg)
     x = T(m) T(f) + (1 - T(m)) b,  T = perturbation A^-1 (scale 2^s, rotation, shift)            (eq. 3)
     L_G = hinge + g_mi [CE(E_x(x), c) + CE(E_pi(m), c_sup)] + g_bin mean(min(m, 1-m)) (+ g_bg BCE(S(b), 0))
+    (mask_ceiling = a, not the paper's: + g_ceiling mean_i relu(mean m_i - a), a cap on each sample's mask area)
 """
 
 import math
@@ -42,6 +43,8 @@ class ILSGANConfig:
     g_bin: float = 2.0                  # PerturbGAN's binarisation weight (not given in the paper)
     g_bg: float = 2.0                   # background regulariser weight from round 2 (eq. 8)
     mask_size_loss: bool = False        # ablation: relu(0.25 - mean m) * 2 replaces the MI terms
+    mask_ceiling: float | None = None   # cap on each sample's mean mask (None: off; not the paper's), weight g_ceiling
+    g_ceiling: float = 2.0
     lr: float = 2e-4                    # Adam, G and (unless lr_D is set) D and E_pi
     lr_D: float | None = None           # D and E_pi's own rate (two time-scale updates; not the paper's)
     betas: tuple = (0.5, 0.999)
@@ -54,6 +57,8 @@ class ILSGANConfig:
             raise ValueError(f"background_code must be 'public' or 'own', got {self.background_code!r}")
         if self.fg_width is not None and (not isinstance(self.fg_width, int) or self.fg_width < 1):
             raise ValueError(f"fg_width must be None (gen_width) or an integer >= 1, got {self.fg_width!r}")
+        if self.mask_ceiling is not None and not 0 < self.mask_ceiling < 1:
+            raise ValueError(f"mask_ceiling must be None (off) or in (0, 1), got {self.mask_ceiling!r}")
 
     @property
     def num_super(self):
@@ -228,14 +233,18 @@ class ILSGAN:
             loss_adv = g_hinge_loss(fake_logits)
             loss_mi = self.mutual_information_loss(code_logits, out["mask"], c) if cfg.g_mi > 0 else torch.zeros(())
         loss_bin = torch.minimum(mask, 1 - mask).mean()
+        loss_area = torch.zeros(())
+        if cfg.mask_ceiling is not None:  # hinge on each sample's mask area above the cap
+            loss_area = F.relu(out["mask"].mean((1, 2, 3)) - cfg.mask_ceiling).mean()
         loss_bg = torch.zeros(())
         if self.background_judge is not None and cfg.g_bg > 0:
             loss_bg = F.softplus(self.background_judge(out["background"])).mean()  # BCE(S(b), 0)
-        ok_G = self._apply(self.opt_G, loss_adv + cfg.g_mi * loss_mi + cfg.g_bin * loss_bin + cfg.g_bg * loss_bg)
+        ok_G = self._apply(self.opt_G, loss_adv + cfg.g_mi * loss_mi + cfg.g_bin * loss_bin + cfg.g_bg * loss_bg
+                           + cfg.g_ceiling * loss_area)
         if ok_G:
             self.G_ema.update(self.G)
         return dict(loss_D=loss_D.item(), loss_G=loss_adv.item(), loss_mi=loss_mi.item(), loss_bin=loss_bin.item(),
-                    loss_bg=loss_bg.item(), mask_mean=out["mask"].mean().item(),
+                    loss_bg=loss_bg.item(), loss_area=loss_area.item(), mask_mean=out["mask"].mean().item(),
                     skipped=float(not (ok_D and ok_G)))
 
     def _apply(self, optimizer, loss):
