@@ -33,9 +33,8 @@ def reference_step(method, real):
     mi = F.cross_entropy(code_logits, c) + F.cross_entropy(method.E_pi(out["mask"]), c // cfg.group_size)
     loss = -fake_logits.mean() + cfg.g_mi * mi + cfg.g_bin * torch.minimum(mask, 1 - mask).mean()
     if cfg.mask_ceiling is not None:  # the cap on each sample's mask area: mean over samples of the excess
-        excess = [max(float(m.mean()) - cfg.mask_ceiling, 0.0) for m in out["mask"]]
-        weights = torch.tensor([1.0 if e > 0 else 0.0 for e in excess])
-        loss = loss + cfg.g_ceiling * (weights * (out["mask"].mean((1, 2, 3)) - cfg.mask_ceiling)).mean()
+        area = out["mask"].mean((1, 2, 3))
+        loss = loss + cfg.g_ceiling * torch.where(area > cfg.mask_ceiling, area - cfg.mask_ceiling, 0.0).mean()
     method.opt_G.zero_grad(set_to_none=True)
     loss.backward()
     method.opt_G.step()
